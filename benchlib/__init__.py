@@ -1,0 +1,72 @@
+"""benchlib: hardware-aware benchmarking of pruned neural networks.
+
+Prune a model, run it on every target of this machine, and set FLOP counts against measured
+latency: how much of the theoretical speedup became real, per target.
+
+    >>> import benchlib
+    >>> model = benchlib.load_model("resnet20")
+    >>> variant = benchlib.prune(model, "magnitude:0.9")
+    >>> round(variant.flops.macs / 1e6, 1)
+    40.6
+"""
+
+from benchlib.analysis import Row, realization, summarize_records
+from benchlib.errors import (
+    BenchError,
+    ConfigError,
+    ExportError,
+    ModelLoadError,
+    PruningError,
+    TargetUnavailable,
+    VerificationError,
+    WorkerError,
+)
+from benchlib.flops import FlopReport, LayerCount, count
+from benchlib.harness.runner import RunResult, run_suite
+from benchlib.harness.stats import Summary, summarize
+from benchlib.harness.timing import Timing, TimingConfig, measure
+from benchlib.models import Model, build_model, load_model, zoo_names
+from benchlib.pruning import PruneSpec, Recipe, Variant, parse_spec, prune, replay
+from benchlib.suite import Suite, load_suite
+from benchlib.target import DeviceKind, Precision, Prepared, Target, TargetRegistry
+
+__all__ = [
+    "BenchError",
+    "ConfigError",
+    "DeviceKind",
+    "ExportError",
+    "FlopReport",
+    "LayerCount",
+    "Model",
+    "ModelLoadError",
+    "Precision",
+    "Prepared",
+    "PruneSpec",
+    "PruningError",
+    "Recipe",
+    "Row",
+    "RunResult",
+    "Suite",
+    "Summary",
+    "Target",
+    "TargetRegistry",
+    "TargetUnavailable",
+    "Timing",
+    "TimingConfig",
+    "Variant",
+    "VerificationError",
+    "WorkerError",
+    "build_model",
+    "count",
+    "load_model",
+    "load_suite",
+    "measure",
+    "parse_spec",
+    "prune",
+    "realization",
+    "replay",
+    "run_suite",
+    "summarize",
+    "summarize_records",
+    "zoo_names",
+]

@@ -1,0 +1,215 @@
+"""The ``bench`` command: parse, call the library, render, map errors to exit codes.
+
+Exit codes: 0 success; 1 a benchmark error (export, pruning, worker); 2 bad input (an unknown
+name, a value out of range, a missing or corrupt file, a target that cannot run here);
+130 interrupted (finished cells are kept in the run folder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from benchlib.analysis import summarize_records
+from benchlib.catalog import describe_zoo
+from benchlib.errors import BenchError, ConfigError, ModelLoadError, TargetUnavailable
+from benchlib.harness.runner import plan, run_suite
+from benchlib.pruning import split_specs
+from benchlib.report.console import models_table, render_summary, targets_table
+from benchlib.results import CellKey, CellRecord
+from benchlib.suite import load_suite
+from benchlib.target import TargetRegistry
+
+F = TypeVar("F", bound=Callable[..., Any])
+BAD_INPUT = (ConfigError, ModelLoadError, TargetUnavailable)
+EXIT_INTERRUPTED = 130
+
+
+def _handle_errors(command: F) -> F:
+    """Turn a BenchError into one line on stderr and an exit code (traceback with -v)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except BenchError as exc:
+            ctx = click.get_current_context()
+            if ctx.find_root().params.get("verbose"):
+                click.echo(traceback.format_exc(), err=True)
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(2 if isinstance(exc, BAD_INPUT) else 1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _split(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _batch_sizes(text: str | None) -> tuple[int, ...] | None:
+    parts = _split(text)
+    if parts is None:
+        return None
+    sizes = []
+    for part in parts:
+        try:
+            sizes.append(int(part))
+        except ValueError:
+            raise ConfigError(f"batch size {part!r} is not a positive integer") from None
+    return tuple(sizes)
+
+
+class _ProgressObserver:
+    """Draws the run's progress bar; one line per finished cell when it fails."""
+
+    def __init__(self, progress: Progress) -> None:
+        self._progress = progress
+        self._task = progress.add_task("starting", total=None)
+
+    def planned(self, total_cells: int) -> None:
+        self._progress.update(self._task, total=total_cells)
+
+    def started(self, key: CellKey) -> None:
+        self._progress.update(self._task, description=key.label())
+
+    def finished(self, record: CellRecord) -> None:
+        if record.status.value == "failed":
+            self._progress.console.print(f"[red]failed[/red] {record.key.label()}: {record.reason}")
+        self._progress.advance(self._task)
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks of errors.")
+@click.version_option(package_name="benchlib")
+def bench(verbose: bool) -> None:
+    """Benchmark pruned neural networks: FLOPs against measured latency, per target."""
+
+
+@bench.command()
+@click.option(
+    "--suite",
+    "suite_name",
+    default="quick",
+    show_default=True,
+    help="A suite name (benchmarks/suites/NAME.toml) or a path to a TOML file.",
+)
+@click.option("--models", help="Comma-separated zoo names, model files or module:function.")
+@click.option("--prune", "specs", help="Comma-separated pruning specs, e.g. dense,magnitude:0.9.")
+@click.option("--targets", help="Comma-separated target names or the selectors cpu, gpu.")
+@click.option("--batch-sizes", help="Comma-separated batch sizes, e.g. 1,8.")
+@click.option("--precision", "precisions", help="Comma-separated precisions: fp32, fp16, bf16.")
+@click.option("--threads", type=int, help="CPU threads (default: the cores available).")
+@click.option("--input-size", type=int, help="Square input side, overriding the model's own.")
+@click.option(
+    "--weights",
+    type=click.Path(path_type=Path),
+    help="A state dict for the model (loaded with weights_only=True).",
+)
+@click.option("--trust", is_flag=True, help="Allow loading a pickled whole module.")
+@click.option(
+    "--out",
+    "out_root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("reports"),
+    show_default=True,
+    help="Folder for run folders.",
+)
+@_handle_errors
+def run(
+    suite_name: str,
+    models: str | None,
+    specs: str | None,
+    targets: str | None,
+    batch_sizes: str | None,
+    precisions: str | None,
+    threads: int | None,
+    input_size: int | None,
+    weights: Path | None,
+    trust: bool,
+    out_root: Path,
+) -> None:
+    """Run a suite (default: quick) and print FLOPs against measured latency."""
+    suite = load_suite(suite_name)
+    overrides: dict[str, Any] = {
+        "models": _split(models),
+        "specs": tuple(split_specs(specs)) if specs is not None else None,
+        "targets": _split(targets),
+        "batch_sizes": _batch_sizes(batch_sizes),
+        "precisions": _split(precisions),
+        "threads": threads,
+        "input_size": input_size,
+        "weights": str(weights) if weights is not None else None,
+    }
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    if trust:
+        changes["trust"] = True
+    suite = dataclasses.replace(suite, **changes)
+    console = Console()
+    registry = TargetRegistry.from_entry_points()
+    planned = plan(suite, registry)
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        result = run_suite(
+            planned, registry=registry, out_root=out_root, observer=_ProgressObserver(progress)
+        )
+    for line in _skipped_lines(result.selection.skipped):
+        console.print(f"[yellow]skipped[/yellow] {line}")
+    console.print(render_summary(summarize_records(result.records)))
+    console.print(f"Run folder: {result.directory}")
+    if result.interrupted:
+        console.print("[yellow]interrupted[/yellow]: finished cells are kept in the run folder")
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def _skipped_lines(skipped: dict[str, str] | Any) -> list[str]:
+    """One line per distinct reason: 'torch-eager-cuda, torchscript-cuda: no CUDA device'."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in skipped.items():
+        by_reason.setdefault(reason, []).append(name)
+    return [f"{', '.join(names)}: {reason}" for reason, names in by_reason.items()]
+
+
+@bench.command()
+@_handle_errors
+def targets() -> None:
+    """List every registered target, its device kind, and why it cannot run here."""
+    registry = TargetRegistry.from_entry_points()
+    rows: list[tuple[str, str, str, str | None]] = []
+    for name in registry.names():
+        try:
+            target = registry.get(name)
+        except TargetUnavailable as exc:
+            rows.append((name, "?", "?", exc.reason))
+            continue
+        precisions = ", ".join(sorted(p.value for p in target.precisions))
+        rows.append((name, target.device_kind.value, precisions, target.unavailable_reason()))
+    Console().print(targets_table(rows))
+
+
+@bench.command()
+@_handle_errors
+def models() -> None:
+    """List the model zoo with input size, parameters and GMACs per image."""
+    Console().print(models_table(describe_zoo()))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    bench(prog_name="bench")

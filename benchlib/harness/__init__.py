@@ -1,0 +1,1 @@
+"""The measurement harness: timing, statistics, verification, environment and the runner."""

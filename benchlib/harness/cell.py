@@ -1,0 +1,105 @@
+"""One cell, start to finish: prepare on the target, verify against eager, then time.
+
+``run_cell`` never raises for a problem of the cell itself: a BenchError becomes a failed
+record with its one-line reason, any other exception a failed record with its traceback.
+Only KeyboardInterrupt (and other BaseExceptions) propagate, so the runner can stop cleanly.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from typing import Any
+
+import torch
+
+from benchlib.errors import BenchError
+from benchlib.harness.timing import Clock, TimingConfig, measure
+from benchlib.harness.verify import verify
+from benchlib.pruning import Variant
+from benchlib.results import CellKey, CellRecord, Status
+from benchlib.target import DeviceKind, Precision, Target
+
+INPUT_SEED = 0
+"""Seed of the example inputs: every target of a variant sees the same numbers."""
+
+
+def device_for(target: Target) -> torch.device:
+    """The torch device a target's cells run on."""
+    return torch.device("cuda") if target.device_kind is DeviceKind.CUDA else torch.device("cpu")
+
+
+def flop_fields(variant: Variant) -> dict[str, int]:
+    """Per-image counts stored with every cell of ``variant``."""
+    touched = set(variant.recipe.layers)
+    pruned = [layer for layer in variant.flops.layers if layer.name in touched]
+    return {
+        "macs": variant.flops.macs,
+        "nonzero_macs": variant.flops.nonzero_macs,
+        "params": variant.flops.params,
+        "nonzero_params": variant.flops.nonzero_params,
+        "pruned_macs": sum(layer.macs for layer in pruned),
+        "pruned_nonzero_macs": sum(layer.nonzero_macs for layer in pruned),
+    }
+
+
+def run_cell(
+    variant: Variant,
+    target: Target,
+    key: CellKey,
+    *,
+    timing: TimingConfig,
+    threads: int,
+    clock: Clock = time.perf_counter_ns,
+) -> CellRecord:
+    """Measure one cell and return its record (ok, failed or skipped)."""
+    start = time.perf_counter()
+    device = device_for(target)
+    common: dict[str, Any] = {
+        "key": key,
+        "device": str(device),
+        "threads": threads,
+        "recipe_sha256": variant.recipe.sha256,
+        "flops": flop_fields(variant),
+    }
+    precision = Precision.parse(key.precision)
+    if precision not in target.precisions:
+        supported = ", ".join(sorted(p.value for p in target.precisions))
+        return CellRecord(
+            status=Status.SKIPPED,
+            reason=f"{key.target} does not run {precision.value} (it runs: {supported})",
+            **common,
+        )
+    try:
+        inputs = (variant.model.example_input(key.batch_size, seed=INPUT_SEED),)
+        with torch.no_grad():
+            expected = variant.module(*inputs)
+        prepared = target.prepare(variant.module, inputs, device, precision)
+        error = verify(prepared.run(), expected, precision)
+        measured = measure(prepared, timing, clock)
+    except BenchError as exc:
+        return CellRecord(
+            status=Status.FAILED,
+            reason=f"{type(exc).__name__}: {exc}",
+            duration_s=time.perf_counter() - start,
+            **common,
+        )
+    except Exception as exc:  # a crashing cell must not end the run
+        return CellRecord(
+            status=Status.FAILED,
+            reason=f"crashed: {type(exc).__name__}: {exc}",
+            traceback=traceback.format_exc(),
+            duration_s=time.perf_counter() - start,
+            **common,
+        )
+    return CellRecord(
+        status=Status.OK,
+        samples_s=measured.samples_s,
+        loops=measured.loops,
+        cold_s=measured.cold_s,
+        warmup_runs=measured.warmup_runs,
+        max_error=error,
+        info=dict(prepared.info),
+        duration_s=time.perf_counter() - start,
+        **common,
+    )

@@ -1,0 +1,207 @@
+"""The runner: a suite in, a run folder out, one cell at a time, nothing finished ever lost.
+
+Order of work: validate everything the user typed (targets, models, specs) before the run
+folder exists; write ``run.json``; build each model once with its dense baseline and variants;
+run every cell and append its record to ``results.jsonl`` at once; write ``summary.json``.
+A failing cell is recorded and the run goes on; Ctrl-C stops after writing the summary of
+what finished, and the result says it was interrupted.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+from benchlib.analysis import summarize_records
+from benchlib.errors import BenchError
+from benchlib.harness.cell import run_cell
+from benchlib.harness.environment import apply_threads, fingerprint
+from benchlib.harness.timing import Clock
+from benchlib.models import Model, load_model
+from benchlib.pruning import prune
+from benchlib.results import (
+    RESULTS_FILE,
+    RUN_FILE,
+    SCHEMA_VERSION,
+    SUMMARY_FILE,
+    CellKey,
+    CellRecord,
+    Status,
+    append_record,
+    write_json,
+)
+from benchlib.suite import Suite
+from benchlib.target import Selection, TargetRegistry
+
+
+class Observer(Protocol):
+    """Receives progress; the CLI draws a progress bar from it. All methods return quickly."""
+
+    def planned(self, total_cells: int) -> None: ...
+    def started(self, key: CellKey) -> None: ...
+    def finished(self, record: CellRecord) -> None: ...
+
+
+class _Silent:
+    def planned(self, total_cells: int) -> None:
+        return None
+
+    def started(self, key: CellKey) -> None:
+        return None
+
+    def finished(self, record: CellRecord) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """Where a run was written and what it holds."""
+
+    directory: Path
+    records: tuple[CellRecord, ...]
+    selection: Selection
+    interrupted: bool
+
+
+def new_run_dir(root: Path, suite_name: str, now: dt.datetime) -> Path:
+    """``root/<YYYYmmdd-HHMMSS>-<suite>``, with a numeric suffix if that already exists."""
+    stem = f"{now:%Y%m%d-%H%M%S}-{suite_name}"
+    candidate, n = root / stem, 1
+    while candidate.exists():
+        n += 1
+        candidate = root / f"{stem}-{n}"
+    candidate.mkdir(parents=True)
+    return candidate
+
+
+def _cells(suite: Suite, model: str, spec: str, targets: tuple[str, ...]) -> Iterator[CellKey]:
+    for target in targets:
+        for batch_size in suite.batch_sizes:
+            for precision in suite.precisions:
+                yield CellKey(
+                    model=model,
+                    spec=spec,
+                    target=target,
+                    batch_size=batch_size,
+                    precision=precision,
+                )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated suite: targets selected, models loaded. Nothing has been written yet."""
+
+    suite: Suite
+    selection: Selection
+    models: tuple[Model, ...]
+
+    @property
+    def total_cells(self) -> int:
+        suite = self.suite
+        return (
+            len(self.models)
+            * len(suite.variant_specs)
+            * len(self.selection.targets)
+            * len(suite.batch_sizes)
+            * len(suite.precisions)
+        )
+
+
+def plan(suite: Suite, registry: TargetRegistry) -> Plan:
+    """Check everything the user typed (targets, models; specs were checked by Suite).
+
+    Raises ConfigError, ModelLoadError or TargetUnavailable before any file is written.
+    """
+    selection = registry.select(suite.targets)
+    models = tuple(
+        load_model(ref, input_size=suite.input_size, weights=suite.weights, trust=suite.trust)
+        for ref in suite.models
+    )
+    return Plan(suite, selection, models)
+
+
+def run_suite(
+    suite: Suite | Plan,
+    *,
+    registry: TargetRegistry,
+    out_root: Path = Path("reports"),
+    observer: Observer | None = None,
+    clock: Clock = time.perf_counter_ns,
+) -> RunResult:
+    """Run every cell of ``suite`` (or of an already made ``plan``) into a new run folder.
+
+    Bad input raises (ConfigError and friends) before the run folder exists. Afterwards no
+    cell can end the run: failures are records. Ctrl-C stops it with ``interrupted=True``.
+    """
+    observer = observer or _Silent()
+    planned = suite if isinstance(suite, Plan) else plan(suite, registry)
+    suite, selection = planned.suite, planned.selection
+    threads = apply_threads(suite.threads)
+
+    directory = new_run_dir(out_root, suite.name, dt.datetime.now())
+    write_json(
+        directory / RUN_FILE,
+        {
+            "schema_version": SCHEMA_VERSION,
+            "suite": {**asdict(suite), "timing": asdict(suite.timing)},
+            "targets": list(selection.targets),
+            "skipped_targets": dict(selection.skipped),
+            "planned_cells": planned.total_cells,
+            "started_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+            "environment": fingerprint(threads),
+        },
+    )
+    observer.planned(planned.total_cells)
+    records: list[CellRecord] = []
+    interrupted = False
+    try:
+        for model in planned.models:
+            for spec in suite.variant_specs:
+                for record in _variant_records(
+                    suite, model, spec, selection, registry, threads, observer, clock
+                ):
+                    append_record(directory / RESULTS_FILE, record)
+                    records.append(record)
+                    observer.finished(record)
+    except KeyboardInterrupt:
+        interrupted = True
+    write_json(directory / SUMMARY_FILE, [row.to_dict() for row in summarize_records(records)])
+    return RunResult(directory, tuple(records), selection, interrupted)
+
+
+def _variant_records(
+    suite: Suite,
+    model: Model,
+    spec: str,
+    selection: Selection,
+    registry: TargetRegistry,
+    threads: int,
+    observer: Observer,
+    clock: Clock,
+) -> Iterator[CellRecord]:
+    """The records of every cell of one variant; a pruning failure fails all of them."""
+    try:
+        variant = prune(model, spec)
+    except BenchError as exc:
+        for key in _cells(suite, model.name, spec, selection.targets):
+            yield CellRecord(
+                key=key,
+                status=Status.FAILED,
+                reason=f"{type(exc).__name__}: {exc}",
+                threads=threads,
+            )
+        return
+    for key in _cells(suite, model.name, variant.label, selection.targets):
+        observer.started(key)
+        yield run_cell(
+            variant,
+            registry.get(key.target),
+            key,
+            timing=suite.timing,
+            threads=threads,
+            clock=clock,
+        )

@@ -1,0 +1,116 @@
+"""Timing one prepared model: cold call, warm-up, calibration and the sampling loop.
+
+The harness owns all timing; a target supplies only ``run`` and ``synchronize``. The clock is
+injected (nanoseconds, ``time.perf_counter_ns`` by default) so tests drive it with a fake.
+
+One *sample* is the wall time of ``loops`` consecutive ``run()`` calls followed by one
+``synchronize()``, divided by ``loops``: seconds per inference. ``loops`` is calibrated from
+the warm-up so that a sample lasts at least ``min_sample_s``, far above the clock's resolution
+(the pyperf and ``torch.utils.benchmark`` approach); a call slower than that gets ``loops = 1``
+and so one sample per inference.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from benchlib.errors import ConfigError
+from benchlib.target import Prepared
+
+Clock = Callable[[], int]
+"""A monotonic clock returning nanoseconds."""
+
+NS_PER_S = 1_000_000_000
+MIN_SAMPLES_ALWAYS = 2
+
+
+@dataclass(frozen=True, kw_only=True)
+class TimingConfig:
+    """How long and how often to measure one cell.
+
+    Warm-up runs until both ``warmup_runs`` calls and ``warmup_s`` seconds are done. Sampling
+    stops once both ``min_samples`` samples and ``min_time_s`` seconds are reached, or at
+    ``max_samples`` samples, or at ``max_time_s`` seconds even short of ``min_samples`` (for
+    very slow calls; at least two samples are always taken, and the verdict flags the cell).
+    """
+
+    warmup_runs: int = 3
+    warmup_s: float = 0.2
+    min_samples: int = 10
+    min_time_s: float = 1.0
+    max_samples: int = 10_000
+    max_time_s: float = 60.0
+    min_sample_s: float = 1e-3
+
+    def __post_init__(self) -> None:
+        checks = {
+            "warmup_runs": self.warmup_runs >= 0,
+            "warmup_s": self.warmup_s >= 0,
+            "min_samples": self.min_samples >= 1,
+            "min_time_s": self.min_time_s >= 0,
+            "max_samples": self.max_samples >= self.min_samples,
+            "max_time_s": self.max_time_s >= self.min_time_s,
+            "min_sample_s": self.min_sample_s >= 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"timing option {name}={getattr(self, name)!r} is out of range")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Timing:
+    """Raw result of ``measure``: per-inference samples in seconds, plus how they were taken."""
+
+    samples_s: tuple[float, ...]
+    loops: int
+    cold_s: float
+    warmup_runs: int
+    warmup_s: float
+    total_s: float
+
+
+def measure(
+    prepared: Prepared, config: TimingConfig, clock: Clock = time.perf_counter_ns
+) -> Timing:
+    """Time ``prepared.run`` under ``config``; every sample ends with ``synchronize()``."""
+    begin = clock()
+    prepared.run()
+    prepared.synchronize()
+    cold_ns = clock() - begin
+
+    warm_start = clock()
+    warm_runs = 0
+    while warm_runs < config.warmup_runs or clock() - warm_start < config.warmup_s * NS_PER_S:
+        prepared.run()
+        prepared.synchronize()
+        warm_runs += 1
+    warm_ns = clock() - warm_start
+
+    per_call_ns = warm_ns / warm_runs if warm_runs else cold_ns
+    loops = max(1, math.ceil(config.min_sample_s * NS_PER_S / max(per_call_ns, 1)))
+
+    samples: list[float] = []
+    sampling_start = clock()
+    while True:
+        t0 = clock()
+        for _ in range(loops):
+            prepared.run()
+        prepared.synchronize()
+        samples.append((clock() - t0) / loops / NS_PER_S)
+        elapsed_s = (clock() - sampling_start) / NS_PER_S
+        enough = len(samples) >= config.min_samples
+        if (enough and elapsed_s >= config.min_time_s) or len(samples) >= config.max_samples:
+            break
+        if elapsed_s >= config.max_time_s and len(samples) >= MIN_SAMPLES_ALWAYS:
+            break
+    return Timing(
+        samples_s=tuple(samples),
+        loops=loops,
+        cold_s=cold_ns / NS_PER_S,
+        warmup_runs=warm_runs,
+        warmup_s=warm_ns / NS_PER_S,
+        total_s=(clock() - begin) / NS_PER_S,
+    )

@@ -1,0 +1,125 @@
+"""Pruning: specs in, variants (module + recipe + FLOP report) out.
+
+Methods are a table from name to a ``Method`` (how to prune, how to replay a recipe); an
+unknown name raises ConfigError listing the known ones. The structured and lottery-ticket
+families register here the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import torch
+from torch import nn
+
+from benchlib.errors import ConfigError, unknown_choice
+from benchlib.flops import FlopReport, count
+from benchlib.models import Model
+from benchlib.pruning.recipe import Recipe, weights_sha256
+from benchlib.pruning.spec import PruneSpec, parse_spec, split_specs
+from benchlib.pruning.unstructured import prune_magnitude, replay_magnitude
+
+__all__ = [
+    "METHODS",
+    "Method",
+    "PruneSpec",
+    "Recipe",
+    "Variant",
+    "parse_spec",
+    "prune",
+    "replay",
+    "split_specs",
+]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One pruning method: ``apply`` prunes a module in place and returns its recipe;
+    ``replay`` redoes a recipe in place. ``takes_amount`` says whether ``METHOD:AMOUNT``."""
+
+    apply: Callable[[nn.Module, PruneSpec, torch.Tensor], Recipe]
+    replay: Callable[[nn.Module, PruneSpec, Recipe], None]
+    takes_amount: bool
+    summary: str
+
+
+def _dense(model: nn.Module, spec: PruneSpec, example: torch.Tensor) -> Recipe:
+    return Recipe(spec="dense", base_sha256=weights_sha256(model))
+
+
+def _replay_dense(model: nn.Module, spec: PruneSpec, recipe: Recipe) -> None:
+    return None
+
+
+METHODS: Mapping[str, Method] = MappingProxyType(
+    {
+        "dense": Method(_dense, _replay_dense, False, "the unpruned baseline"),
+        "magnitude": Method(
+            prune_magnitude, replay_magnitude, True, "global |w| ranking over conv/linear weights"
+        ),
+        "magnitude-layer": Method(
+            prune_magnitude, replay_magnitude, True, "the same |w| ratio in every layer"
+        ),
+    }
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Variant:
+    """A model after a pruning spec: the pruned module, its recipe and its FLOP counts."""
+
+    model: Model
+    spec: PruneSpec
+    recipe: Recipe
+    flops: FlopReport
+
+    @property
+    def module(self) -> nn.Module:
+        return self.model.module
+
+    @property
+    def label(self) -> str:
+        return str(self.spec)
+
+
+def resolve(spec: str | PruneSpec) -> tuple[PruneSpec, Method]:
+    """Parse and validate a spec: known method, amount in range. Raises ConfigError."""
+    parsed = parse_spec(spec) if isinstance(spec, str) else spec
+    method = METHODS.get(parsed.method)
+    if method is None:
+        raise unknown_choice("pruning method", parsed.method, METHODS)
+    if method.takes_amount:
+        parsed.amount()
+        if len(parsed.args) > 1:
+            raise ConfigError(f"spec {str(parsed)!r} takes one amount, e.g. '{parsed.method}:0.5'")
+    elif parsed.args:
+        raise ConfigError(f"spec {str(parsed)!r} takes no arguments")
+    return parsed, method
+
+
+def prune(model: Model, spec: str | PruneSpec) -> Variant:
+    """Prune a copy of ``model`` by ``spec``; the original is left untouched."""
+    parsed, method = resolve(spec)
+    module = copy.deepcopy(model.module).eval()
+    example = model.example_input(1)
+    recipe = method.apply(module, parsed, example)
+    pruned = Model(
+        name=model.name, module=module, input_shape=model.input_shape, source=model.source
+    )
+    return Variant(model=pruned, spec=parsed, recipe=recipe, flops=count(module, example))
+
+
+def replay(model: Model, recipe: Recipe) -> Variant:
+    """Rebuild the variant ``recipe`` describes from the dense ``model`` it was made from."""
+    parsed, method = resolve(recipe.spec)
+    module = copy.deepcopy(model.module).eval()
+    method.replay(module, parsed, recipe)
+    pruned = Model(
+        name=model.name, module=module, input_shape=model.input_shape, source=model.source
+    )
+    return Variant(
+        model=pruned, spec=parsed, recipe=recipe, flops=count(module, model.example_input(1))
+    )

@@ -1,0 +1,132 @@
+"""Unstructured pruning: weights set to zero, shapes unchanged, masks baked into the weights.
+
+Masks apply to the weights of conv and linear layers (never biases or norms). By default the
+first layer and the classifier (the first and last weight layers in execution order) are left
+dense, as the papers do; the options ``prune_first=true`` and ``prune_classifier=true`` include
+them. Because the zeros are baked in, no mask multiply runs at inference: the dense backends
+show the true cost of zeros.
+
+Counts are exact: ``round(amount * N)`` weights are zeroed (Python's round, as
+``torch.nn.utils.prune``), ties broken by a stable sort over the layers in execution order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from benchlib.errors import PruningError
+from benchlib.pruning.recipe import Recipe, weights_sha256
+from benchlib.pruning.spec import PruneSpec
+
+WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def weight_layers_in_order(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Names of conv and linear layers in the order a forward pass on ``example`` calls them."""
+    order: list[str] = []
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, WEIGHT_LAYERS):
+
+            def hook(_m: nn.Module, _i: Any, _o: Any, name: str = name) -> None:
+                if name not in order:
+                    order.append(name)
+
+            handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order
+
+
+def prunable_layers(model: nn.Module, example: torch.Tensor, spec: PruneSpec) -> list[str]:
+    """The layers ``spec`` masks: all weight layers less the first and last unless asked."""
+    order = weight_layers_in_order(model, example)
+    if not order:
+        raise PruningError("the model has no conv or linear layer to prune")
+    chosen = list(order)
+    if not spec.flag("prune_classifier") and len(chosen) > 1:
+        chosen.pop()
+    if not spec.flag("prune_first") and len(chosen) > 1:
+        chosen.pop(0)
+    return chosen
+
+
+def magnitude_masks(
+    weights: Mapping[str, torch.Tensor], amount: float, *, scope: str
+) -> dict[str, torch.Tensor]:
+    """Keep-masks (True = keep) that zero the smallest |w|.
+
+    ``scope="global"`` ranks all weights together (open_lth's ``sparse_global``) and zeroes
+    ``round(amount * total)``; ``scope="layer"`` zeroes ``round(amount * numel)`` per layer.
+    """
+    if scope == "layer":
+        return {
+            name: _smallest_out(w.detach().abs().reshape(-1), amount).view_as(w)
+            for name, w in weights.items()
+        }
+    flat = torch.cat([w.detach().abs().reshape(-1) for w in weights.values()])
+    keep = _smallest_out(flat, amount)
+    masks, offset = {}, 0
+    for name, w in weights.items():
+        masks[name] = keep[offset : offset + w.numel()].view_as(w)
+        offset += w.numel()
+    return masks
+
+
+def _smallest_out(values: torch.Tensor, amount: float) -> torch.Tensor:
+    keep = torch.ones(values.numel(), dtype=torch.bool)
+    count = round(amount * values.numel())
+    if count:
+        keep[torch.argsort(values, stable=True)[:count]] = False
+    return keep
+
+
+def bake(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Zero the masked weights in place; return the number of zeros per layer."""
+    modules = dict(model.named_modules())
+    zeros = {}
+    with torch.no_grad():
+        for name, mask in masks.items():
+            weight = modules[name].weight
+            weight.mul_(mask.to(device=weight.device, dtype=weight.dtype))
+            zeros[name] = int(mask.numel() - mask.sum())
+    return zeros
+
+
+def prune_magnitude(
+    model: nn.Module, spec: PruneSpec, example: torch.Tensor, *, layers: list[str] | None = None
+) -> Recipe:
+    """``magnitude:A`` (global) or ``magnitude-layer:A`` on ``model`` in place; the recipe."""
+    scope = "layer" if spec.method == "magnitude-layer" else "global"
+    amount = spec.amount()
+    names = layers if layers is not None else prunable_layers(model, example, spec)
+    modules = dict(model.named_modules())
+    base = weights_sha256(model, tuple(names))
+    masks = magnitude_masks({n: modules[n].weight for n in names}, amount, scope=scope)
+    zeros = bake(model, masks)
+    return Recipe(
+        spec=str(spec),
+        layers=tuple(names),
+        details={"scope": scope, "amount": amount, "zeros": zeros},
+        base_sha256=base,
+    )
+
+
+def replay_magnitude(model: nn.Module, spec: PruneSpec, recipe: Recipe) -> None:
+    """Redo a magnitude recipe on ``model`` in place; PruningError if it does not match."""
+    if weights_sha256(model, recipe.layers) != recipe.base_sha256:
+        raise PruningError(
+            f"recipe {recipe.spec!r} was made from other weights (SHA-256 mismatch); "
+            "load the dense weights it was computed from"
+        )
+    again = prune_magnitude(model, spec, torch.empty(0), layers=list(recipe.layers))
+    if again.details.get("zeros") != recipe.details.get("zeros"):
+        raise PruningError(f"replaying {recipe.spec!r} gave other per-layer zero counts")

@@ -1,0 +1,171 @@
+"""Rich renderables for the console: run summaries, the target list and the model zoo.
+
+Renderers return rich objects and print nothing; the caller owns the Console. Tests render
+them into ``Console(file=StringIO(), width=100, color_system=None)``. Tables are laid out long
+(one line per variant and target) so that they stay readable at 80 columns whatever the
+number of targets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from rich import box
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from benchlib.analysis import Row
+from benchlib.catalog import ZooEntry
+
+LEGEND = (
+    "F = dense MACs / nonzero MACs (theoretical speedup). Median: latency of one batch, with "
+    "its bootstrap 95% CI. T = dense median / variant median on the same target and batch "
+    "size (measured speedup). eta = (1 - 1/T) / (1 - 1/F): the share of the theoretical "
+    "saving that became real. ! marks T > F (a cache or step effect)."
+)
+
+
+def fmt_latency(seconds: float | None) -> str:
+    """Seconds as ms (us below 1 ms) with three significant digits; '-' when absent."""
+    if seconds is None:
+        return "-"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.3g} us"
+    return f"{seconds * 1e3:.3g} ms"
+
+
+def fmt_ratio(value: float | None, suffix: str = "x") -> str:
+    """A ratio with two decimals, '-' when undefined."""
+    return "-" if value is None else f"{value:.2f}{suffix}"
+
+
+def fmt_count(value: int | None) -> str:
+    """An integer count with an SI prefix: 1.82 G, 11.7 M, 864 k."""
+    if value is None:
+        return "-"
+    for scale, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {prefix}"
+    return str(value)
+
+
+def variants_table(title: str, rows: Sequence[Row]) -> Table:
+    """One line per variant: what pruning removed, and the speedup it promises (F)."""
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("Variant")
+    for header in ("MACs", "Params", "F", "F pruned layers"):
+        table.add_column(header, justify="right")
+    for spec in dict.fromkeys(r.spec for r in rows):
+        row = next(r for r in rows if r.spec == spec)
+        table.add_row(
+            spec,
+            f"{fmt_count(row.nonzero_macs)} / {fmt_count(row.macs)}",
+            f"{fmt_count(row.nonzero_params)} / {fmt_count(row.params)}",
+            fmt_ratio(row.speedup_theoretical),
+            fmt_ratio(row.speedup_theoretical_pruned),
+        )
+    return table
+
+
+def _median_cells(row: Row) -> tuple[Text, Text]:
+    if row.status != "ok":
+        return Text(row.status, style="red" if row.status == "failed" else "yellow"), Text("")
+    low, high = fmt_latency(row.ci_low_s), fmt_latency(row.ci_high_s)
+    return Text(fmt_latency(row.median_s)), Text(f"{low} - {high}", style="dim")
+
+
+def latency_table(rows: Sequence[Row]) -> Table:
+    """Per batch size and target, each variant's latency, measured speedup and realization."""
+    table = Table(box=box.SIMPLE_HEAD)
+    table.add_column("bs", justify="right")
+    table.add_column("Target")
+    table.add_column("Variant")
+    table.add_column("Median", justify="right")
+    table.add_column("95% CI", justify="right")
+    table.add_column("T", justify="right")
+    table.add_column("eta", justify="right")
+    groups = dict.fromkeys((r.batch_size, r.target) for r in rows)
+    for index, (batch_size, target) in enumerate(groups):
+        if index:
+            table.add_section()
+        for row in (r for r in rows if (r.batch_size, r.target) == (batch_size, target)):
+            median, interval = _median_cells(row)
+            eta = Text(fmt_ratio(row.realization, suffix=""))
+            if row.flags:
+                eta.append(" !", style="bold yellow")
+            table.add_row(
+                str(batch_size),
+                target,
+                row.spec,
+                median,
+                interval,
+                fmt_ratio(row.speedup_measured),
+                eta,
+            )
+    return table
+
+
+def failures(rows: Iterable[Row]) -> Table | None:
+    """The cells that failed or were skipped, with their one-line reasons."""
+    bad = [r for r in rows if r.status != "ok"]
+    if not bad:
+        return None
+    table = Table(title="Cells without a result", title_justify="left", box=box.SIMPLE_HEAD)
+    for header in ("Cell", "Status", "Reason"):
+        table.add_column(header)
+    for r in bad:
+        table.add_row(
+            f"{r.model} {r.spec} {r.target} bs{r.batch_size} {r.precision}", r.status, r.reason
+        )
+    return table
+
+
+def render_summary(rows: Sequence[Row]) -> Group:
+    """Everything ``bench run`` prints after the progress bar, model by model."""
+    parts: list[RenderableType] = []
+    for model, precision in dict.fromkeys((r.model, r.precision) for r in rows):
+        mine = [r for r in rows if (r.model, r.precision) == (model, precision)]
+        parts.append(variants_table(f"{model} - {precision} (per image: nonzero / all)", mine))
+        parts.append(latency_table(mine))
+    parts.append(Text(LEGEND, style="dim"))
+    failed = failures(rows)
+    if failed is not None:
+        parts.append(failed)
+    return Group(*parts)
+
+
+def targets_table(entries: Iterable[tuple[str, str, str, str | None]]) -> Table:
+    """``bench targets``: name, device kind, precisions, and why it cannot run (if so)."""
+    table = Table(title="Registered targets", title_justify="left", box=box.SIMPLE_HEAD)
+    for header in ("Target", "Device", "Precisions", "Status"):
+        table.add_column(header)
+    for name, kind, precisions, reason in entries:
+        status = (
+            Text("available", style="green") if reason is None else Text(reason, style="yellow")
+        )
+        table.add_row(name, kind, precisions, status)
+    return table
+
+
+def models_table(entries: Iterable[ZooEntry]) -> Table:
+    """``bench models``: the zoo with input shape, params and GMACs per image."""
+    table = Table(
+        title="Model zoo (random weights; counts per image)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+    )
+    table.add_column("Model")
+    table.add_column("Source")
+    table.add_column("Input", justify="right")
+    table.add_column("Params (M)", justify="right")
+    table.add_column("GMACs", justify="right")
+    for entry in entries:
+        table.add_row(
+            entry.name,
+            entry.source,
+            "x".join(map(str, entry.input_shape)),
+            f"{entry.params / 1e6:.2f}",
+            f"{entry.macs / 1e9:.3f}",
+        )
+    return table

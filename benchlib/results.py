@@ -1,0 +1,126 @@
+"""Cell records and run files: versioned JSON that keeps the raw samples.
+
+A run folder holds ``run.json`` (suite and environment, written before the first cell),
+``results.jsonl`` (one ``CellRecord`` per line, appended and flushed as each cell finishes) and
+``summary.json`` (derived rows, see ``benchlib.analysis``). Statistics are derived from the raw
+samples whenever needed, never stored in place of them.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchlib.errors import ConfigError
+
+SCHEMA_VERSION = 1
+"""History: 1 - first version."""
+
+RESULTS_FILE = "results.jsonl"
+RUN_FILE = "run.json"
+SUMMARY_FILE = "summary.json"
+
+
+class Status(str, enum.Enum):
+    """How a cell ended."""
+
+    OK = "ok"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CellKey:
+    """The identity of a cell: (variant, target, batch size, precision) of one model."""
+
+    model: str
+    spec: str
+    target: str
+    batch_size: int
+    precision: str
+
+    def label(self) -> str:
+        return f"{self.model} {self.spec} {self.target} bs{self.batch_size} {self.precision}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CellRecord:
+    """One finished cell: its raw samples (seconds per inference) or why it has none.
+
+    ``flops`` holds per-image counts of the variant: macs, nonzero_macs, params,
+    nonzero_params, and pruned_macs / pruned_nonzero_macs over the layers the spec touched.
+    """
+
+    key: CellKey
+    status: Status
+    reason: str = ""
+    traceback: str = ""
+    device: str = ""
+    samples_s: tuple[float, ...] = ()
+    loops: int = 0
+    cold_s: float | None = None
+    warmup_runs: int = 0
+    max_error: float | None = None
+    threads: int | None = None
+    recipe_sha256: str = ""
+    flops: Mapping[str, int] = field(default_factory=dict)
+    info: Mapping[str, Any] = field(default_factory=dict)
+    duration_s: float = 0.0
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["status"] = self.status.value
+        data["samples_s"] = list(self.samples_s)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CellRecord:
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ConfigError(
+                f"cell record schema_version {version!r} is not supported; "
+                f"choose from: {SCHEMA_VERSION}"
+            )
+        fields = dict(data)
+        fields["key"] = CellKey(**fields["key"])
+        fields["status"] = Status(fields["status"])
+        fields["samples_s"] = tuple(fields.get("samples_s", ()))
+        return cls(**fields)
+
+
+def append_record(path: Path, record: CellRecord) -> None:
+    """Append one record to a JSONL file and force it to disk before returning."""
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record.to_dict(), sort_keys=True) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_records(path: Path) -> Iterator[CellRecord]:
+    """Records of a results.jsonl; a torn last line (a run killed mid-write) is skipped."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == len(lines):
+                return
+            raise ConfigError(f"{path}:{number} is not valid JSON: {exc}") from exc
+        yield CellRecord.from_dict(data)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,126 @@
+"""Suites: named sweeps of models x pruning specs x targets x batch sizes x precisions.
+
+A suite is a TOML file; ``load_suite("quick")`` finds ``benchmarks/suites/quick.toml`` in the
+current directory or in the benchlib checkout, and a path loads that file. Keys:
+
+    name, description, models, specs, targets, batch_sizes, precisions, input_size, threads
+    [timing]  any field of ``TimingConfig``
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from benchlib.errors import ConfigError
+from benchlib.harness.timing import TimingConfig
+from benchlib.pruning import resolve
+from benchlib.target import Precision
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+
+def suite_dirs() -> tuple[Path, ...]:
+    """Where named suites are looked up: ./benchmarks/suites, then the benchlib checkout's."""
+    return (
+        Path.cwd() / "benchmarks" / "suites",
+        Path(__file__).resolve().parents[1] / "benchmarks" / "suites",
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Suite:
+    """What one ``bench run`` measures. Validated on construction, without side effects."""
+
+    name: str
+    models: tuple[str, ...]
+    specs: tuple[str, ...] = ("dense",)
+    targets: tuple[str, ...] = ("cpu",)
+    batch_sizes: tuple[int, ...] = (1,)
+    precisions: tuple[str, ...] = ("fp32",)
+    input_size: int | None = None
+    threads: int | None = None
+    weights: str | None = None
+    trust: bool = False
+    description: str = ""
+    timing: TimingConfig = field(default_factory=TimingConfig)
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ConfigError(f"suite {self.name!r} names no model")
+        if not self.targets:
+            raise ConfigError(f"suite {self.name!r} names no target")
+        for size in self.batch_sizes:
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ConfigError(f"batch size {size!r} must be a positive integer")
+        if not self.batch_sizes:
+            raise ConfigError(f"suite {self.name!r} names no batch size")
+        if self.input_size is not None and self.input_size < 1:
+            raise ConfigError(f"input size {self.input_size} must be a positive integer")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads {self.threads} must be a positive integer")
+        if self.weights is not None and len(self.models) != 1:
+            raise ConfigError("--weights applies to exactly one model; name one with --models")
+        for spec in self.specs:
+            resolve(spec)
+        for precision in self.precisions:
+            Precision.parse(precision)
+
+    @property
+    def variant_specs(self) -> tuple[str, ...]:
+        """The specs to build, ``dense`` first: every pruned cell needs its dense baseline."""
+        canonical = [str(resolve(s)[0]) for s in self.specs]
+        return tuple(dict.fromkeys(["dense", *canonical]))
+
+
+def suite_names() -> list[str]:
+    """The built-in suites that can be found from here."""
+    return sorted({p.stem for d in suite_dirs() if d.is_dir() for p in d.glob("*.toml")})
+
+
+def load_suite(name_or_path: str) -> Suite:
+    """A suite by name (``quick``) or by TOML path. Raises ConfigError."""
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        found = [d / f"{name_or_path}.toml" for d in suite_dirs()]
+        found = [p for p in found if p.is_file()]
+        if not found:
+            choices = suite_names() or ["(none found: no benchmarks/suites folder)"]
+            raise ConfigError(
+                f"unknown suite {name_or_path!r}; choose from: {', '.join(choices)} "
+                "or give a path to a .toml file"
+            )
+        path = found[0]
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read suite {str(path)!r}: {exc}") from exc
+    return suite_from_dict(data, default_name=path.stem)
+
+
+def suite_from_dict(data: dict[str, Any], *, default_name: str) -> Suite:
+    """Build a Suite from parsed TOML; unknown keys are errors that list the known ones."""
+    known = {f.name for f in fields(Suite)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown suite key {unknown[0]!r}; choose from: {', '.join(sorted(known))}"
+        )
+    timing_data = dict(data.pop("timing", {}))
+    timing_known = {f.name for f in fields(TimingConfig)}
+    bad = sorted(set(timing_data) - timing_known)
+    if bad:
+        raise ConfigError(
+            f"unknown timing key {bad[0]!r}; choose from: {', '.join(sorted(timing_known))}"
+        )
+    converted: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    converted.setdefault("name", default_name)
+    try:
+        return Suite(**converted, timing=TimingConfig(**timing_data))
+    except TypeError as exc:
+        raise ConfigError(f"bad suite {default_name!r}: {exc}") from exc

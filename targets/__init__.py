@@ -1,0 +1,1 @@
+"""Built-in benchlib targets: one module per backend, registered through entry points."""

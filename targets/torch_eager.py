@@ -1,0 +1,53 @@
+"""PyTorch eager mode: the reference every other target is verified against."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from benchlib.target import DeviceKind, Precision, Prepared
+from targets._common import cuda_unavailable_reason, place, synchronizer
+
+
+class TorchEager:
+    """The model as written, called under ``torch.inference_mode`` on the CPU."""
+
+    name: ClassVar[str] = "torch-eager"
+    device_kind: ClassVar[DeviceKind] = DeviceKind.CPU
+    precisions: ClassVar[frozenset[Precision]] = frozenset({Precision.FP32, Precision.BF16})
+    exploits_sparsity: ClassVar[bool] = False
+
+    def unavailable_reason(self) -> str | None:
+        return None
+
+    def prepare(
+        self,
+        model: nn.Module,
+        inputs: tuple[torch.Tensor, ...],
+        device: torch.device,
+        precision: Precision,
+    ) -> Prepared:
+        placed, bound = place(model, inputs, device, precision)
+
+        def run() -> Any:
+            with torch.inference_mode():
+                return placed(*bound)
+
+        return Prepared(
+            run=run,
+            synchronize=synchronizer(device),
+            info={"engine": f"torch {torch.__version__}", "mode": "eager"},
+        )
+
+
+class TorchEagerCuda(TorchEager):
+    """Eager mode on a CUDA device."""
+
+    name: ClassVar[str] = "torch-eager-cuda"
+    device_kind: ClassVar[DeviceKind] = DeviceKind.CUDA
+    precisions: ClassVar[frozenset[Precision]] = frozenset(Precision)
+
+    def unavailable_reason(self) -> str | None:
+        return cuda_unavailable_reason()

@@ -1,0 +1,107 @@
+"""Test doubles: a fake clock and fake targets, so the harness is tested with exact numbers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from benchlib.target import DeviceKind, Precision, Prepared
+
+
+class FakeClock:
+    """A nanosecond clock that only moves when told to."""
+
+    def __init__(self) -> None:
+        self.now = 0
+
+    def __call__(self) -> int:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += round(seconds * 1e9)
+
+
+def timed_prepared(
+    clock: FakeClock, durations: Callable[[int], float], output: Any = None
+) -> Prepared:
+    """A Prepared whose n-th call (0-based) advances ``clock`` by ``durations(n)`` seconds."""
+    calls = {"n": 0}
+
+    def run() -> Any:
+        clock.advance(durations(calls["n"]))
+        calls["n"] += 1
+        return output
+
+    return Prepared(run=run, synchronize=lambda: None, info={"fake": True})
+
+
+class EagerCopyTarget:
+    """A CPU target that runs the model eagerly: the simplest correct target."""
+
+    name: ClassVar[str] = "fake-eager"
+    device_kind: ClassVar[DeviceKind] = DeviceKind.CPU
+    precisions: ClassVar[frozenset[Precision]] = frozenset({Precision.FP32})
+    exploits_sparsity: ClassVar[bool] = False
+
+    def unavailable_reason(self) -> str | None:
+        return None
+
+    def prepare(
+        self,
+        model: nn.Module,
+        inputs: tuple[torch.Tensor, ...],
+        device: torch.device,
+        precision: Precision,
+    ) -> Prepared:
+        def run() -> Any:
+            with torch.no_grad():
+                return model(*inputs)
+
+        return Prepared(run=run, synchronize=lambda: None)
+
+
+class WrongOutputTarget(EagerCopyTarget):
+    """Returns outputs that are off by 10%: must fail the correctness gate."""
+
+    name: ClassVar[str] = "fake-wrong"
+
+    def prepare(
+        self,
+        model: nn.Module,
+        inputs: tuple[torch.Tensor, ...],
+        device: torch.device,
+        precision: Precision,
+    ) -> Prepared:
+        def run() -> Any:
+            with torch.no_grad():
+                return model(*inputs) * 1.1
+
+        return Prepared(run=run, synchronize=lambda: None)
+
+
+class CrashingTarget(EagerCopyTarget):
+    """Raises an unexpected exception while preparing: a crashing cell."""
+
+    name: ClassVar[str] = "fake-crash"
+
+    def prepare(
+        self,
+        model: nn.Module,
+        inputs: tuple[torch.Tensor, ...],
+        device: torch.device,
+        precision: Precision,
+    ) -> Prepared:
+        raise RuntimeError("boom")
+
+
+class FakeGpuTarget(EagerCopyTarget):
+    """A CUDA-kind target that is never available."""
+
+    name: ClassVar[str] = "fake-gpu"
+    device_kind: ClassVar[DeviceKind] = DeviceKind.CUDA
+
+    def unavailable_reason(self) -> str | None:
+        return "no fake GPU here"

@@ -1,0 +1,111 @@
+"""The CLI: exit codes and one-line messages for bad input, and a small real run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from benchlib.cli import bench
+
+FAST_SUITE = """
+models = ["tests.conftest:TinyNet"]
+specs = ["dense", "magnitude:0.9"]
+targets = ["cpu"]
+batch_sizes = [1]
+input_size = 16
+[timing]
+warmup_runs = 1
+warmup_s = 0.0
+min_samples = 3
+min_time_s = 0.0
+"""
+
+
+@pytest.fixture
+def fast_suite(tmp_path: Path) -> Path:
+    path = tmp_path / "fast.toml"
+    path.write_text(FAST_SUITE)
+    return path
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner(env={"COLUMNS": "160"}).invoke(bench, list(args))
+    return result.exit_code, result.output
+
+
+def test_run_prints_the_table_and_writes_the_run_folder(fast_suite: Path, tmp_path: Path) -> None:
+    code, output = invoke("run", "--suite", str(fast_suite), "--out", str(tmp_path / "r"))
+    assert code == 0, output
+    assert "tests.conftest:TinyNet - fp32" in output
+    assert "magnitude:0.9" in output and "torch-eager" in output and "torchscript" in output
+    (run_dir,) = (tmp_path / "r").iterdir()
+    assert {p.name for p in run_dir.iterdir()} == {"run.json", "results.jsonl", "summary.json"}
+
+
+def test_gpu_selector_without_gpu_says_why_in_one_line(fast_suite: Path, tmp_path: Path) -> None:
+    code, output = invoke(
+        "run", "--suite", str(fast_suite), "--targets", "gpu,cpu", "--out", str(tmp_path)
+    )
+    assert code == 0, output
+    skipped = [line for line in output.splitlines() if line.startswith("skipped")]
+    assert len(skipped) == 1
+    assert "torch-eager-cuda" in skipped[0] and "CUDA" in skipped[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--models", "resnet9000"], "error: unknown model 'resnet9000'; choose from: "),
+        (["--targets", "tensorrtt"], "error: unknown target 'tensorrtt'; choose from: "),
+        (["--prune", "l9:0.5"], "error: unknown pruning method 'l9'; choose from: "),
+        (["--prune", "magnitude:1.5"], "error: amount 1.5 in spec 'magnitude:1.5' is outside"),
+        (["--prune", "magnitude:0"], "error: amount 0 in spec 'magnitude:0' is outside (0, 1)"),
+        (["--batch-sizes", "0"], "error: batch size 0 must be a positive integer"),
+        (["--batch-sizes", "x"], "error: batch size 'x' is not a positive integer"),
+        (["--precision", "fp8"], "error: unknown precision 'fp8'; choose from: bf16, fp16, fp32"),
+        (["--threads", "0"], "error: threads 0 must be a positive integer"),
+        (["--suite", "nope"], "error: unknown suite 'nope'; choose from: "),
+        (["--models", "missing.pt"], "error: "),
+        (["--targets", "torch-eager-cuda"], "error: target 'torch-eager-cuda' is unavailable: "),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(
+    fast_suite: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
+    out = tmp_path / "out"
+    code, output = invoke("run", "--suite", str(fast_suite), "--out", str(out), *args)
+    assert code == 2, output
+    lines = output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), output
+    assert "Traceback" not in output
+    assert not out.exists() or not any(out.iterdir())  # nothing half-written
+
+
+def test_corrupt_model_file_is_a_clear_error(fast_suite: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"not a model at all")
+    code, output = invoke(
+        "run", "--suite", str(fast_suite), "--models", str(bad), "--out", str(tmp_path / "o")
+    )
+    assert code == 2
+    assert output.startswith("error: ") and str(bad) in output, output
+    assert len(output.strip().splitlines()) == 1
+
+
+def test_verbose_shows_the_traceback(fast_suite: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        bench,
+        ["-v", "run", "--suite", str(fast_suite), "--models", "resnet9000", "--out", str(tmp_path)],
+    )
+    assert result.exit_code == 2
+    assert "Traceback" in result.output
+
+
+def test_targets_lists_every_target_with_reason() -> None:
+    code, output = invoke("targets")
+    assert code == 0
+    for name in ("torch-eager", "torchscript", "torch-eager-cuda", "torchscript-cuda"):
+        assert name in output
+    assert "available" in output

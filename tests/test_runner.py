@@ -1,0 +1,137 @@
+"""The runner end to end with fake targets: every cell recorded, failures kept, Ctrl-C safe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchlib.harness.runner import run_suite
+from benchlib.harness.timing import TimingConfig
+from benchlib.results import (
+    RESULTS_FILE,
+    RUN_FILE,
+    SUMMARY_FILE,
+    CellKey,
+    CellRecord,
+    Status,
+    read_records,
+)
+from benchlib.suite import Suite
+from benchlib.target import TargetRegistry
+from tests.fakes import CrashingTarget, EagerCopyTarget, FakeGpuTarget, WrongOutputTarget
+
+FAST = TimingConfig(warmup_runs=1, warmup_s=0.0, min_samples=3, min_time_s=0.0)
+
+
+def suite(**changes: object) -> Suite:
+    fields: dict[str, object] = {
+        "name": "t",
+        "models": ("tests.conftest:TinyNet",),
+        "specs": ("magnitude:0.5",),
+        "targets": ("cpu",),
+        "batch_sizes": (1, 2),
+        "input_size": 16,
+        "timing": FAST,
+        **changes,
+    }
+    return Suite(**fields)  # type: ignore[arg-type]
+
+
+REGISTRY = TargetRegistry({"fake-eager": EagerCopyTarget, "fake-gpu": FakeGpuTarget})
+
+
+def test_every_cell_is_recorded_with_its_dense_baseline(tmp_path: Path) -> None:
+    result = run_suite(suite(), registry=REGISTRY, out_root=tmp_path)
+    records = list(read_records(result.directory / RESULTS_FILE))
+    assert [(r.key.spec, r.key.batch_size) for r in records] == [
+        ("dense", 1),
+        ("dense", 2),
+        ("magnitude:0.5", 1),
+        ("magnitude:0.5", 2),
+    ]
+    assert all(r.status is Status.OK and len(r.samples_s) >= 3 for r in records)
+    assert records == list(result.records)
+    run = json.loads((result.directory / RUN_FILE).read_text())
+    assert run["targets"] == ["fake-eager"] and run["planned_cells"] == 4
+    assert run["environment"]["cpu"]["threads"] >= 1
+    summary = json.loads((result.directory / SUMMARY_FILE).read_text())
+    pruned = [row for row in summary if row["spec"] == "magnitude:0.5"]
+    assert all(row["speedup_theoretical"] > 1.0 for row in pruned)
+    assert all(row["speedup_measured"] is not None for row in pruned)
+    required = {
+        "model",
+        "spec",
+        "target",
+        "batch_size",
+        "precision",
+        "status",
+        "macs",
+        "nonzero_macs",
+        "params",
+        "nonzero_params",
+        "median_s",
+        "speedup_theoretical",
+        "speedup_measured",
+        "realization",
+    }
+    assert all(required <= set(row) for row in summary)
+
+
+def test_failing_cells_are_recorded_and_the_run_goes_on(tmp_path: Path) -> None:
+    registry = TargetRegistry(
+        {
+            "fake-eager": EagerCopyTarget,
+            "fake-crash": CrashingTarget,
+            "fake-wrong": WrongOutputTarget,
+        }
+    )
+    result = run_suite(suite(batch_sizes=(1,)), registry=registry, out_root=tmp_path)
+    by_target = {(r.key.target, r.key.spec): r for r in result.records}
+    crash = by_target[("fake-crash", "dense")]
+    assert crash.status is Status.FAILED
+    assert crash.reason == "crashed: RuntimeError: boom"
+    assert "RuntimeError: boom" in crash.traceback
+    wrong = by_target[("fake-wrong", "dense")]
+    assert wrong.status is Status.FAILED
+    assert wrong.reason.startswith("VerificationError: outputs differ from eager fp32 by 0.1")
+    assert by_target[("fake-eager", "magnitude:0.5")].status is Status.OK
+    assert len(result.records) == 6
+
+
+def test_unsupported_precision_is_a_skipped_cell(tmp_path: Path) -> None:
+    result = run_suite(
+        suite(batch_sizes=(1,), precisions=("bf16",)), registry=REGISTRY, out_root=tmp_path
+    )
+    assert {r.status for r in result.records} == {Status.SKIPPED}
+    assert result.records[0].reason == "fake-eager does not run bf16 (it runs: fp32)"
+
+
+class InterruptAfter:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def planned(self, total_cells: int) -> None: ...
+
+    def started(self, key: CellKey) -> None: ...
+
+    def finished(self, record: CellRecord) -> None:
+        self.n -= 1
+        if self.n == 0:
+            raise KeyboardInterrupt
+
+
+def test_interrupt_keeps_every_finished_cell(tmp_path: Path) -> None:
+    result = run_suite(suite(), registry=REGISTRY, out_root=tmp_path, observer=InterruptAfter(2))
+    assert result.interrupted
+    assert len(list(read_records(result.directory / RESULTS_FILE))) == 2
+    assert len(json.loads((result.directory / SUMMARY_FILE).read_text())) == 2
+
+
+def test_bad_input_writes_no_run_folder(tmp_path: Path) -> None:
+    from benchlib.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        run_suite(suite(models=("no-such-model",)), registry=REGISTRY, out_root=tmp_path)
+    assert not any(tmp_path.iterdir())
