@@ -25,7 +25,8 @@ from benchlib.flops import FlopReport, LayerCount, count
 from benchlib.harness.runner import RunResult, run_suite
 from benchlib.harness.stats import Summary, summarize
 from benchlib.harness.timing import Timing, TimingConfig, measure
-from benchlib.models import Model, build_model, load_model, zoo_names
+from benchlib.loading import load_model
+from benchlib.models import Model, build_model, zoo_names
 from benchlib.pruning import PruneSpec, Recipe, Variant, parse_spec, prune, replay
 from benchlib.suite import Suite, load_suite
 from benchlib.target import DeviceKind, Precision, Prepared, Target, TargetRegistry

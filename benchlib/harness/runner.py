@@ -21,7 +21,8 @@ from benchlib.errors import BenchError
 from benchlib.harness.cell import run_cell
 from benchlib.harness.environment import apply_threads, fingerprint
 from benchlib.harness.timing import Clock
-from benchlib.models import Model, load_model
+from benchlib.loading import load_model
+from benchlib.models import Model
 from benchlib.pruning import prune
 from benchlib.results import (
     RESULTS_FILE,

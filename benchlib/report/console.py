@@ -8,6 +8,7 @@ number of targets.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 from rich import box
@@ -19,20 +20,38 @@ from benchlib.analysis import Row
 from benchlib.catalog import ZooEntry
 
 LEGEND = (
-    "F = dense MACs / nonzero MACs (theoretical speedup). Median: latency of one batch, with "
+    "F = dense MACs / nonzero MACs (theoretical speedup); F pruned: the same on the pruned "
+    "layers only. Median: latency of one batch, with "
     "its bootstrap 95% CI. T = dense median / variant median on the same target and batch "
     "size (measured speedup). eta = (1 - 1/T) / (1 - 1/F): the share of the theoretical "
     "saving that became real. ! marks T > F (a cache or step effect)."
 )
 
 
+def _unit(seconds: float) -> tuple[float, str]:
+    return (1e6, "us") if seconds < 1e-3 else (1e3, "ms")
+
+
+def _decimals(value: float) -> int:
+    """Decimals that show ``value`` with three significant digits (none at 100 and above)."""
+    return max(0, 2 - math.floor(math.log10(abs(value)))) if value else 0
+
+
 def fmt_latency(seconds: float | None) -> str:
     """Seconds as ms (us below 1 ms) with three significant digits; '-' when absent."""
     if seconds is None:
         return "-"
-    if seconds < 1e-3:
-        return f"{seconds * 1e6:.3g} us"
-    return f"{seconds * 1e3:.3g} ms"
+    scale, unit = _unit(seconds)
+    return f"{seconds * scale:.3g} {unit}"
+
+
+def fmt_interval(low: float | None, high: float | None, like: float) -> str:
+    """An interval in the unit ``like`` would be shown in: '30.5-31.2 ms'."""
+    if low is None or high is None:
+        return "-"
+    scale, unit = _unit(like)
+    digits = _decimals(like * scale)
+    return f"{low * scale:.{digits}f}-{high * scale:.{digits}f} {unit}"
 
 
 def fmt_ratio(value: float | None, suffix: str = "x") -> str:
@@ -52,10 +71,16 @@ def fmt_count(value: int | None) -> str:
 
 def variants_table(title: str, rows: Sequence[Row]) -> Table:
     """One line per variant: what pruning removed, and the speedup it promises (F)."""
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
-    table.add_column("Variant")
-    for header in ("MACs", "Params", "F", "F pruned layers"):
-        table.add_column(header, justify="right")
+    table = Table(
+        title=title,
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    table.add_column("Variant", no_wrap=True)
+    for header in ("MACs", "Params", "F", "F pruned"):
+        table.add_column(header, justify="right", no_wrap=True)
     for spec in dict.fromkeys(r.spec for r in rows):
         row = next(r for r in rows if r.spec == spec)
         table.add_row(
@@ -71,20 +96,18 @@ def variants_table(title: str, rows: Sequence[Row]) -> Table:
 def _median_cells(row: Row) -> tuple[Text, Text]:
     if row.status != "ok":
         return Text(row.status, style="red" if row.status == "failed" else "yellow"), Text("")
-    low, high = fmt_latency(row.ci_low_s), fmt_latency(row.ci_high_s)
-    return Text(fmt_latency(row.median_s)), Text(f"{low} - {high}", style="dim")
+    interval = fmt_interval(row.ci_low_s, row.ci_high_s, like=row.median_s or 0.0)
+    return Text(fmt_latency(row.median_s)), Text(interval, style="dim")
 
 
 def latency_table(rows: Sequence[Row]) -> Table:
     """Per batch size and target, each variant's latency, measured speedup and realization."""
-    table = Table(box=box.SIMPLE_HEAD)
-    table.add_column("bs", justify="right")
-    table.add_column("Target")
-    table.add_column("Variant")
-    table.add_column("Median", justify="right")
-    table.add_column("95% CI", justify="right")
-    table.add_column("T", justify="right")
-    table.add_column("eta", justify="right")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table.add_column("bs", justify="right", no_wrap=True)
+    table.add_column("Target", no_wrap=True)
+    table.add_column("Variant", no_wrap=True)
+    for header in ("Median", "95% CI", "T", "eta"):
+        table.add_column(header, justify="right", no_wrap=True)
     groups = dict.fromkeys((r.batch_size, r.target) for r in rows)
     for index, (batch_size, target) in enumerate(groups):
         if index:
@@ -111,7 +134,13 @@ def failures(rows: Iterable[Row]) -> Table | None:
     bad = [r for r in rows if r.status != "ok"]
     if not bad:
         return None
-    table = Table(title="Cells without a result", title_justify="left", box=box.SIMPLE_HEAD)
+    table = Table(
+        title="Cells without a result",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
     for header in ("Cell", "Status", "Reason"):
         table.add_column(header)
     for r in bad:
@@ -137,7 +166,13 @@ def render_summary(rows: Sequence[Row]) -> Group:
 
 def targets_table(entries: Iterable[tuple[str, str, str, str | None]]) -> Table:
     """``bench targets``: name, device kind, precisions, and why it cannot run (if so)."""
-    table = Table(title="Registered targets", title_justify="left", box=box.SIMPLE_HEAD)
+    table = Table(
+        title="Registered targets",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
     for header in ("Target", "Device", "Precisions", "Status"):
         table.add_column(header)
     for name, kind, precisions, reason in entries:
