@@ -120,7 +120,7 @@ def summarize_records(records: Iterable[CellRecord]) -> list[Row]:
                 speedup_measured=measured,
                 realization=(
                     realization(theoretical, measured)
-                    if theoretical is not None and measured is not None
+                    if theoretical is not None and measured is not None and key.spec != DENSE
                     else None
                 ),
                 flags=tuple(flags),

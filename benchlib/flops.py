@@ -30,6 +30,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from benchlib.errors import ConfigError
+from benchlib.opcount import count_ops
 
 SCHEMA_VERSION = 1
 
@@ -320,6 +321,8 @@ def count(
 ) -> FlopReport:
     """Counts MACs per layer, and the model's parameters, with one pass of ``model(*inputs)``.
 
+    TorchScript archives and ``torch.export`` graphs (no hooks, or no module left to hook) are
+    counted op by op instead (:mod:`benchlib.opcount`), layers named after their weights.
     The pass runs under ``torch.no_grad()`` in eval mode; every training flag is restored and
     the hooks are removed even when the forward raises (the error propagates). MACs are for the
     batch given: pass batch 1 for per-image numbers; a module called twice counts twice, its
@@ -328,8 +331,36 @@ def count(
     meta device (built under ``with torch.device("meta"):``): nonzero counts are dense there.
     """
     rules = {**DEFAULT_RULES, **(extra_rules or {})}
-    counter = _Counter(model)
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
     training = [(m, m.training) for m in model.modules()]
+    try:
+        nn.Module.train(model, False)  # not model.eval(): torch.export graphs refuse it
+        with torch.no_grad():
+            if _hookable(model, rules):
+                layers = _count_modules(model, args, rules)
+            else:
+                layers = _count_aten_ops(model, args)
+    finally:
+        for module, flag in training:
+            module.training = flag
+    params, nonzero = _counts(model, whole=True)
+    return FlopReport(layers=layers, params=params, nonzero_params=nonzero)
+
+
+def _hookable(model: nn.Module, rules: Mapping[type[nn.Module], FlopRule]) -> bool:
+    """Whether module rules can count ``model``: not TorchScript (no hooks), and not an
+    aten-level graph such as ``ExportedProgram.module()`` (an fx graph with no ruled module)."""
+    if isinstance(model, torch.jit.ScriptModule):
+        return False
+    if isinstance(model, torch.fx.GraphModule):
+        return any(rule_for(m, rules) is not None for m in model.modules())
+    return True
+
+
+def _count_modules(
+    model: nn.Module, args: tuple[Any, ...], rules: Mapping[type[nn.Module], FlopRule]
+) -> tuple[LayerCount, ...]:
+    counter = _Counter(model)
     handles = []
     try:
         for module in model.modules():
@@ -337,13 +368,32 @@ def count(
             enter, leave = partial(counter.enter, rule is not None), partial(counter.exit, rule)
             handles.append(module.register_forward_pre_hook(enter))
             handles.append(module.register_forward_hook(leave, with_kwargs=True, always_call=True))
-        model.eval()
-        with torch.no_grad(), counter:
-            model(*(inputs if isinstance(inputs, tuple) else (inputs,)))
+        with counter:
+            model(*args)
     finally:
         for handle in handles:
             handle.remove()
-        for module, flag in training:
-            module.training = flag
-    params, nonzero = _counts(model, whole=True)
-    return FlopReport(layers=counter.layers(), params=params, nonzero_params=nonzero)
+    return counter.layers()
+
+
+def _count_aten_ops(model: nn.Module, args: tuple[Any, ...]) -> tuple[LayerCount, ...]:
+    """Layers of a TorchScript or torch.export model, counted op by op (benchlib.opcount)."""
+    macs, kinds = count_ops(model, args, _nonzero)
+    params = dict(model.named_parameters())
+    layers = []
+    for name, (dense, nonzero) in macs.items():
+        weight = params.get(f"{name}.weight")
+        own = [p for p in (weight, params.get(f"{name}.bias")) if p is not None]
+        layers.append(
+            LayerCount(
+                name=name,
+                kind=kinds[name],
+                macs=dense,
+                nonzero_macs=nonzero,
+                params=sum(p.numel() for p in own),
+                nonzero_params=sum(_nonzero(p) for p in own),
+                weight_numel=0 if weight is None else weight.numel(),
+                nonzero_weight=0 if weight is None else _nonzero(weight),
+            )
+        )
+    return tuple(layers)

@@ -142,9 +142,17 @@ def native_input_size(name: str) -> int:
 
 
 def build_model(
-    name: str, *, input_size: int | None = None, device: torch.device | str = "cpu"
+    name: str,
+    *,
+    input_size: int | None = None,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
 ) -> Model:
     """Build a zoo model with random weights (torchvision's ``weights=None``), eval mode, fp32.
+
+    The weights are drawn from torch's generator seeded with ``seed`` inside
+    ``torch.random.fork_rng``: the same name and seed give the same model every time (so
+    recipes replay and runs compare), and the caller's random state is left as it was.
 
     Args:
         name: one of :func:`zoo_names`.
@@ -166,7 +174,9 @@ def build_model(
         target = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ConfigError(f"bad device {device!r}: {exc}") from exc
-    with torch.device(target), _HostIndexTensors() if target.type == "meta" else nullcontext():
+    host_index = _HostIndexTensors() if target.type == "meta" else nullcontext()
+    with torch.random.fork_rng(devices=[]), torch.device(target), host_index:
+        torch.manual_seed(seed)
         if name in _CIFAR_BUILDERS:
             module = _CIFAR_BUILDERS[name]()
         else:

@@ -30,7 +30,9 @@ def place(
 
     The caller's model is left untouched. Floating-point inputs are cast; others are moved only.
     """
-    placed = copy.deepcopy(model).eval().to(device=device, dtype=precision.dtype)
+    placed = copy.deepcopy(model)
+    nn.Module.train(placed, False)  # not .eval(): torch.export graphs refuse it
+    placed = placed.to(device=device, dtype=precision.dtype)
     moved = tuple(
         x.to(device=device, dtype=precision.dtype) if x.is_floating_point() else x.to(device)
         for x in inputs

@@ -259,3 +259,15 @@ def test_size_rules_match_the_architecture(name: str) -> None:
         below = torch.empty(1, 3, smallest - 1, smallest - 1, device="meta")
         with pytest.raises(refused), torch.no_grad():
             model.module(below)
+
+
+def test_zoo_weights_are_seeded_and_leave_the_global_rng_alone() -> None:
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    a = build_model("resnet20").module.state_dict()
+    b = build_model("resnet20").module.state_dict()
+    assert torch.equal(torch.rand(1), expected_next)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = build_model("resnet20", seed=1).module.state_dict()
+    assert not torch.equal(a["conv1.weight"], c["conv1.weight"])

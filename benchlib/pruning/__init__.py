@@ -47,7 +47,7 @@ class Method:
 
 
 def _dense(model: nn.Module, spec: PruneSpec, example: torch.Tensor) -> Recipe:
-    return Recipe(spec="dense", base_sha256=weights_sha256(model))
+    return Recipe(spec="dense", base_sha256=weights_sha256(dict(model.named_parameters())))
 
 
 def _replay_dense(model: nn.Module, spec: PruneSpec, recipe: Recipe) -> None:
@@ -103,7 +103,7 @@ def resolve(spec: str | PruneSpec) -> tuple[PruneSpec, Method]:
 def prune(model: Model, spec: str | PruneSpec) -> Variant:
     """Prune a copy of ``model`` by ``spec``; the original is left untouched."""
     parsed, method = resolve(spec)
-    module = copy.deepcopy(model.module).eval()
+    module = copy.deepcopy(model.module)
     example = model.example_input(1)
     recipe = method.apply(module, parsed, example)
     pruned = Model(
@@ -115,7 +115,7 @@ def prune(model: Model, spec: str | PruneSpec) -> Variant:
 def replay(model: Model, recipe: Recipe) -> Variant:
     """Rebuild the variant ``recipe`` describes from the dense ``model`` it was made from."""
     parsed, method = resolve(recipe.spec)
-    module = copy.deepcopy(model.module).eval()
+    module = copy.deepcopy(model.module)
     method.replay(module, parsed, recipe)
     pruned = Model(
         name=model.name, module=module, input_shape=model.input_shape, source=model.source

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from benchlib.errors import ConfigError
 
@@ -77,14 +76,11 @@ class Recipe:
             raise ConfigError(f"cannot read recipe {str(path)!r}: {exc}") from exc
 
 
-def weights_sha256(model: nn.Module, names: tuple[str, ...] | None = None) -> str:
-    """SHA-256 over the weights of the named modules (all parameters when ``names`` is None)."""
+def weights_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over named tensors (names and raw bytes, in name order)."""
     digest = hashlib.sha256()
-    modules = dict(model.named_modules())
-    selected = [modules[n] for n in names] if names is not None else [model]
-    for module in selected:
-        for name, param in sorted(module.named_parameters()):
-            digest.update(name.encode())
-            raw = param.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-            digest.update(raw.numpy().tobytes())
+    for name, tensor in sorted(tensors.items()):
+        digest.update(name.encode())
+        raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        digest.update(raw.numpy().tobytes())
     return digest.hexdigest()

@@ -13,12 +13,12 @@ Counts are exact: ``round(amount * N)`` weights are zeroed (Python's round, as
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import nn
 
 from benchlib.errors import PruningError
+from benchlib.flops import count
 from benchlib.pruning.recipe import Recipe, weights_sha256
 from benchlib.pruning.spec import PruneSpec
 
@@ -26,24 +26,23 @@ WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, n
 
 
 def weight_layers_in_order(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """Names of conv and linear layers in the order a forward pass on ``example`` calls them."""
-    order: list[str] = []
-    handles = []
-    for name, module in model.named_modules():
-        if isinstance(module, WEIGHT_LAYERS):
+    """Conv and linear layers in the order a forward pass on ``example`` runs them.
 
-            def hook(_m: nn.Module, _i: Any, _o: Any, name: str = name) -> None:
-                if name not in order:
-                    order.append(name)
+    A layer is a name ``N`` with a parameter ``N.weight`` of two or more dimensions that a
+    conv or matmul multiplies (from the FLOP counter, so TorchScript and ``torch.export``
+    models work too). Attention's fused in-projection (``in_proj_weight``) is not among them.
+    """
+    weights = layer_weights(model)
+    return [layer.name for layer in count(model, example).layers if layer.name in weights]
 
-            handles.append(module.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return order
+
+def layer_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Layer name -> its weight, for every parameter named ``*.weight`` with dim >= 2."""
+    return {
+        name.removesuffix(".weight"): param
+        for name, param in model.named_parameters()
+        if name.endswith(".weight") and param.dim() >= 2
+    }
 
 
 def prunable_layers(model: nn.Module, example: torch.Tensor, spec: PruneSpec) -> list[str]:
@@ -91,11 +90,11 @@ def _smallest_out(values: torch.Tensor, amount: float) -> torch.Tensor:
 
 def bake(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, int]:
     """Zero the masked weights in place; return the number of zeros per layer."""
-    modules = dict(model.named_modules())
+    weights = layer_weights(model)
     zeros = {}
     with torch.no_grad():
         for name, mask in masks.items():
-            weight = modules[name].weight
+            weight = weights[name]
             weight.mul_(mask.to(device=weight.device, dtype=weight.dtype))
             zeros[name] = int(mask.numel() - mask.sum())
     return zeros
@@ -108,9 +107,10 @@ def prune_magnitude(
     scope = "layer" if spec.method == "magnitude-layer" else "global"
     amount = spec.amount()
     names = layers if layers is not None else prunable_layers(model, example, spec)
-    modules = dict(model.named_modules())
-    base = weights_sha256(model, tuple(names))
-    masks = magnitude_masks({n: modules[n].weight for n in names}, amount, scope=scope)
+    weights = layer_weights(model)
+    chosen = {n: weights[n] for n in names}
+    base = weights_sha256(chosen)
+    masks = magnitude_masks(chosen, amount, scope=scope)
     zeros = bake(model, masks)
     return Recipe(
         spec=str(spec),
@@ -122,7 +122,11 @@ def prune_magnitude(
 
 def replay_magnitude(model: nn.Module, spec: PruneSpec, recipe: Recipe) -> None:
     """Redo a magnitude recipe on ``model`` in place; PruningError if it does not match."""
-    if weights_sha256(model, recipe.layers) != recipe.base_sha256:
+    weights = layer_weights(model)
+    missing = [n for n in recipe.layers if n not in weights]
+    if missing:
+        raise PruningError(f"recipe {recipe.spec!r} names layers the model lacks: {missing[:3]}")
+    if weights_sha256({n: weights[n] for n in recipe.layers}) != recipe.base_sha256:
         raise PruningError(
             f"recipe {recipe.spec!r} was made from other weights (SHA-256 mismatch); "
             "load the dense weights it was computed from"

@@ -42,7 +42,7 @@ def fmt_latency(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     scale, unit = _unit(seconds)
-    return f"{seconds * scale:.3g} {unit}"
+    return f"{seconds * scale:.{_decimals(seconds * scale)}f} {unit}"
 
 
 def fmt_interval(low: float | None, high: float | None, like: float) -> str:
