@@ -105,3 +105,10 @@ class FakeGpuTarget(EagerCopyTarget):
 
     def unavailable_reason(self) -> str | None:
         return "no fake GPU here"
+
+
+class NoWeights(nn.Module):
+    """A model with nothing to prune: magnitude pruning must fail its cells, not the run."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x).mean(dim=(2, 3))

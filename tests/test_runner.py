@@ -135,3 +135,15 @@ def test_bad_input_writes_no_run_folder(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         run_suite(suite(models=("no-such-model",)), registry=REGISTRY, out_root=tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_pruning_failure_fails_only_that_variant(tmp_path: Path) -> None:
+    result = run_suite(
+        suite(models=("tests.fakes:NoWeights",), batch_sizes=(1,)),
+        registry=REGISTRY,
+        out_root=tmp_path,
+    )
+    dense, pruned = result.records
+    assert dense.status is Status.OK
+    assert pruned.status is Status.FAILED
+    assert pruned.reason == "PruningError: the model has no conv or linear layer to prune"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -187,13 +188,13 @@ def _variant_records(
     """The records of every cell of one variant; a pruning failure fails all of them."""
     try:
         variant = prune(model, spec)
-    except BenchError as exc:
+    except Exception as exc:  # a pruner that crashes fails its cells, not the run
+        crashed = not isinstance(exc, BenchError)
+        reason = f"{'crashed: ' if crashed else ''}{type(exc).__name__}: {exc}"
+        trace = traceback.format_exc() if crashed else ""
         for key in _cells(suite, model.name, spec, selection.targets):
             yield CellRecord(
-                key=key,
-                status=Status.FAILED,
-                reason=f"{type(exc).__name__}: {exc}",
-                threads=threads,
+                key=key, status=Status.FAILED, reason=reason, traceback=trace, threads=threads
             )
         return
     for key in _cells(suite, model.name, variant.label, selection.targets):
