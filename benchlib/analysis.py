@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from benchlib.harness.stats import summarize
+from benchlib.harness.stats import summarize, verdict
 from benchlib.results import CellRecord, Status
 
 DENSE = "dense"
@@ -50,10 +50,14 @@ class Row:
     speedup_measured: float | None
     realization: float | None
     flags: tuple[str, ...]
+    verdict: str
+    verdict_reasons: tuple[str, ...]
+    loops: int
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["flags"] = list(self.flags)
+        data["verdict_reasons"] = list(self.verdict_reasons)
         return data
 
 
@@ -91,6 +95,7 @@ def summarize_records(records: Iterable[CellRecord]) -> list[Row]:
         measured = _ratio(
             base_stats.median if base_stats else None, stats.median if stats else None
         )
+        judged = verdict(stats, record.device.split(":")[0]) if stats else ("", ())
         flags = []
         if theoretical is not None and measured is not None and measured > theoretical * 1.0001:
             flags.append("T>F: cache or step effect")
@@ -124,6 +129,9 @@ def summarize_records(records: Iterable[CellRecord]) -> list[Row]:
                     else None
                 ),
                 flags=tuple(flags),
+                verdict=judged[0],
+                verdict_reasons=judged[1],
+                loops=record.loops,
             )
         )
     return rows

@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,13 +19,12 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from benchlib.analysis import summarize_records
 from benchlib.catalog import describe_zoo
 from benchlib.errors import BenchError, ConfigError, ModelLoadError, TargetUnavailable
 from benchlib.harness.runner import plan, run_suite
 from benchlib.pruning import split_specs
 from benchlib.report.console import models_table, render_summary, targets_table
-from benchlib.results import CellKey, CellRecord
+from benchlib.results import CellKey, CellRecord, Status
 from benchlib.suite import load_suite
 from benchlib.target import TargetRegistry
 
@@ -84,7 +83,7 @@ class _ProgressObserver:
         self._progress.update(self._task, description=key.label())
 
     def finished(self, record: CellRecord) -> None:
-        if record.status.value == "failed":
+        if record.status is Status.FAILED:
             self._progress.console.print(f"[red]failed[/red] {record.key.label()}: {record.reason}")
         self._progress.advance(self._task)
 
@@ -171,14 +170,14 @@ def run(
         )
     for line in _skipped_lines(result.selection.skipped):
         console.print(f"[yellow]skipped[/yellow] {line}")
-    console.print(render_summary(summarize_records(result.records)))
+    console.print(render_summary(result.rows))
     console.print(f"Run folder: {result.directory}")
     if result.interrupted:
         console.print("[yellow]interrupted[/yellow]: finished cells are kept in the run folder")
         sys.exit(EXIT_INTERRUPTED)
 
 
-def _skipped_lines(skipped: dict[str, str] | Any) -> list[str]:
+def _skipped_lines(skipped: Mapping[str, str]) -> list[str]:
     """One line per distinct reason: 'torch-eager-cuda, torchscript-cuda: no CUDA device'."""
     by_reason: dict[str, list[str]] = {}
     for name, reason in skipped.items():

@@ -65,14 +65,19 @@ class WorkerError(BenchError):
         self.traceback = traceback
 
 
-def unknown_choice(kind: str, value: str, choices: Iterable[str]) -> ConfigError:
+def unknown_choice(
+    kind: str, value: str, choices: Iterable[str], *, listing: str | None = None
+) -> ConfigError:
     """Build the standard one-line error for an unknown name.
+
+    ``listing`` replaces the list of choices where it would be too long for one line (the
+    model zoo); the closest match is suggested either way.
 
     >>> str(unknown_choice("target", "trt", ["tensorrt", "torch-eager"]))
     "unknown target 'trt'; choose from: tensorrt, torch-eager (did you mean 'tensorrt'?)"
     """
     known = sorted(choices)
-    message = f"unknown {kind} {value!r}; choose from: {', '.join(known)}"
+    message = f"unknown {kind} {value!r}; choose from: {listing or ', '.join(known)}"
     close = difflib.get_close_matches(value, known, n=1, cutoff=0.5)
     if close:
         message += f" (did you mean {close[0]!r}?)"

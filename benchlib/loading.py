@@ -26,8 +26,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchlib.errors import ConfigError, ModelLoadError, unknown_choice
-from benchlib.models import Model, build_model, check_shape, is_zoo_name, valid_size, zoo_names
+from benchlib.errors import ConfigError, ModelLoadError
+from benchlib.models import (
+    Model,
+    build_model,
+    check_shape,
+    is_zoo_name,
+    unknown_model,
+    valid_size,
+)
 
 __all__ = ["load_model"]
 
@@ -84,7 +91,7 @@ def load_model(
     elif "/" in ref or os.sep in ref or path.suffix:
         raise ConfigError(f"model file {ref!r} does not exist")
     else:
-        raise unknown_choice("model", ref, zoo_names())
+        raise unknown_model(ref)
     if weights is not None:
         _load_weights(model, Path(weights))
     return model

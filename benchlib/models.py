@@ -33,7 +33,14 @@ from torch.overrides import TorchFunctionMode
 from benchlib import cifar_nets
 from benchlib.errors import ConfigError, unknown_choice
 
-__all__ = ["Model", "build_model", "is_zoo_name", "native_input_size", "zoo_names"]
+__all__ = [
+    "Model",
+    "build_model",
+    "is_zoo_name",
+    "native_input_size",
+    "unknown_model",
+    "zoo_names",
+]
 
 SOURCES = frozenset({"torchvision", "cifar", "torchscript", "export", "factory", "pickle"})
 
@@ -114,6 +121,14 @@ class Model:
         return values.to(device=target, dtype=dtype)
 
 
+ZOO_LISTING = "a zoo model (`bench models` lists them), a model file, or package.module:function"
+
+
+def unknown_model(name: str) -> ConfigError:
+    """The error for a name that is neither a zoo model nor a file nor a factory."""
+    return unknown_choice("model", name, zoo_names(), listing=ZOO_LISTING)
+
+
 def is_zoo_name(name: str) -> bool:
     """Whether :func:`build_model` knows ``name``."""
     return name in _CIFAR_BUILDERS or name in _torchvision_names()
@@ -165,7 +180,7 @@ def build_model(
             model cannot take (naming the size and why; the rules are in the module docstring).
     """
     if not is_zoo_name(name):
-        raise unknown_choice("model", name, zoo_names())
+        raise unknown_model(name)
     size = native_input_size(name) if input_size is None else valid_size(input_size)
     problem = _size_problem(name, size)
     if problem is not None:
@@ -201,7 +216,7 @@ def _torchvision_names() -> list[str]:
 
 def _default_weights(name: str) -> Any:
     if name not in _torchvision_names():
-        raise unknown_choice("model", name, zoo_names())
+        raise unknown_model(name)
     return torchvision.models.get_model_weights(name).DEFAULT
 
 

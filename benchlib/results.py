@@ -88,10 +88,13 @@ class CellRecord:
                 f"choose from: {SCHEMA_VERSION}"
             )
         fields = dict(data)
-        fields["key"] = CellKey(**fields["key"])
-        fields["status"] = Status(fields["status"])
-        fields["samples_s"] = tuple(fields.get("samples_s", ()))
-        return cls(**fields)
+        try:
+            fields["key"] = CellKey(**fields["key"])
+            fields["status"] = Status(fields["status"])
+            fields["samples_s"] = tuple(fields.get("samples_s", ()))
+            return cls(**fields)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"malformed cell record: {exc}") from exc
 
 
 def append_record(path: Path, record: CellRecord) -> None:

@@ -51,21 +51,19 @@ class Suite:
     timing: TimingConfig = field(default_factory=TimingConfig)
 
     def __post_init__(self) -> None:
-        if not self.models:
-            raise ConfigError(f"suite {self.name!r} names no model")
-        if not self.targets:
-            raise ConfigError(f"suite {self.name!r} names no target")
+        for name in ("models", "specs", "targets", "precisions"):
+            _check_names(self.name, name, getattr(self, name))
+        if not self.batch_sizes or not isinstance(self.batch_sizes, tuple):
+            raise ConfigError(f"suite {self.name!r}: batch_sizes must be a non-empty list")
         for size in self.batch_sizes:
-            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-                raise ConfigError(f"batch size {size!r} must be a positive integer")
-        if not self.batch_sizes:
-            raise ConfigError(f"suite {self.name!r} names no batch size")
-        if self.input_size is not None and self.input_size < 1:
-            raise ConfigError(f"input size {self.input_size} must be a positive integer")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"threads {self.threads} must be a positive integer")
+            _check_positive("batch size", size)
+        for label, value in (("input size", self.input_size), ("threads", self.threads)):
+            if value is not None:
+                _check_positive(label, value)
         if self.weights is not None and len(self.models) != 1:
             raise ConfigError("--weights applies to exactly one model; name one with --models")
+        if not isinstance(self.timing, TimingConfig):
+            raise ConfigError(f"suite {self.name!r}: [timing] must be a table of timing options")
         for spec in self.specs:
             resolve(spec)
         for precision in self.precisions:
@@ -76,6 +74,23 @@ class Suite:
         """The specs to build, ``dense`` first: every pruned cell needs its dense baseline."""
         canonical = [str(resolve(s)[0]) for s in self.specs]
         return tuple(dict.fromkeys(["dense", *canonical]))
+
+
+def _check_names(suite: str, key: str, values: object) -> None:
+    """A non-empty tuple of distinct, non-empty strings."""
+    if not isinstance(values, tuple) or not values:
+        raise ConfigError(f"suite {suite!r}: {key} must be a non-empty list of names")
+    for value in values:
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"suite {suite!r}: {key} holds {value!r}, which is not a name")
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise ConfigError(f"suite {suite!r}: {key} names {repeated[0]!r} twice")
+
+
+def _check_positive(label: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{label} {value!r} must be a positive integer")
 
 
 def suite_names() -> list[str]:
@@ -111,7 +126,11 @@ def suite_from_dict(data: dict[str, Any], *, default_name: str) -> Suite:
         raise ConfigError(
             f"unknown suite key {unknown[0]!r}; choose from: {', '.join(sorted(known))}"
         )
-    timing_data = dict(data.pop("timing", {}))
+    data = dict(data)
+    timing_raw = data.pop("timing", {})
+    if not isinstance(timing_raw, dict):
+        raise ConfigError(f"suite {default_name!r}: [timing] must be a table of timing options")
+    timing_data = dict(timing_raw)
     timing_known = {f.name for f in fields(TimingConfig)}
     bad = sorted(set(timing_data) - timing_known)
     if bad:
@@ -122,5 +141,5 @@ def suite_from_dict(data: dict[str, Any], *, default_name: str) -> Suite:
     converted.setdefault("name", default_name)
     try:
         return Suite(**converted, timing=TimingConfig(**timing_data))
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"bad suite {default_name!r}: {exc}") from exc

@@ -4,7 +4,10 @@ Vocabulary (DESIGN section 2): a **target** is a backend on a device kind (``tor
 ``torchscript-cuda``, ...). ``cpu`` and ``gpu`` are *selectors* that expand to every available
 target of that device kind. Targets are registered through the entry-point group
 ``benchlib.targets`` (built-ins included, in pyproject.toml); the registry imports a target's
-module only when that target is used, so ``bench run --targets cpu`` never imports TensorRT.
+module only when that target is looked at. Expanding a selector looks at every target (to
+read its ``device_kind``), so a target module must import its backend (TensorRT, ONNX
+Runtime) lazily, inside ``unavailable_reason`` and ``prepare``: then ``bench run --targets
+cpu`` never imports TensorRT.
 
 A backend that runs on both the CPU and a GPU registers one target per device kind; the CUDA
 one carries the ``-cuda`` suffix (``torch-eager`` / ``torch-eager-cuda``), so that a target name
@@ -198,7 +201,10 @@ def _instantiate(name: str, reference: str | type[Target]) -> Target:
             raise TargetUnavailable(name, f"cannot load {reference!r}: {exc}") from exc
     else:
         factory = reference
-    target = factory()
+    try:
+        target = factory()
+    except Exception as exc:  # a broken third-party target must not break the others
+        raise TargetUnavailable(name, f"{reference!r} failed to start: {exc}") from exc
     if not isinstance(target, Target):
-        raise TypeError(f"{reference!r} does not implement the Target protocol")
+        raise TargetUnavailable(name, f"{reference!r} does not implement the Target protocol")
     return target

@@ -67,8 +67,12 @@ def test_gpu_selector_without_gpu_says_why_in_one_line(fast_suite: Path, tmp_pat
         (["--precision", "fp8"], "error: unknown precision 'fp8'; choose from: bf16, fp16, fp32"),
         (["--threads", "0"], "error: threads 0 must be a positive integer"),
         (["--suite", "nope"], "error: unknown suite 'nope'; choose from: "),
-        (["--models", "missing.pt"], "error: "),
         (["--targets", "torch-eager-cuda"], "error: target 'torch-eager-cuda' is unavailable: "),
+        (["--prune", "magnitude:0.5[prune_first=maybe]"], "error: option prune_first='maybe'"),
+        (["--prune", "magnitude:0.5[typo=1]"], "error: unknown option 'typo'; choose from: "),
+        (["--precision", ""], "error: suite 'fast': precisions must be a non-empty list"),
+        (["--input-size", "0"], "error: input size 0 must be a positive integer"),
+        (["--out", "/dev/null/x"], "error: cannot create a run folder under --out"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(
@@ -81,6 +85,12 @@ def test_bad_input_is_one_line_and_exit_2(
     assert len(lines) == 1 and lines[0].startswith(message), output
     assert "Traceback" not in output
     assert not out.exists() or not any(out.iterdir())  # nothing half-written
+
+
+def test_missing_model_file_names_the_path(fast_suite: Path, tmp_path: Path) -> None:
+    code, output = invoke("run", "--suite", str(fast_suite), "--models", "missing.pt")
+    assert code == 2
+    assert output.strip() == "error: model file 'missing.pt' does not exist"
 
 
 def test_corrupt_model_file_is_a_clear_error(fast_suite: Path, tmp_path: Path) -> None:

@@ -57,3 +57,21 @@ def test_percentile_interpolates() -> None:
 def test_empty_samples_is_an_error() -> None:
     with pytest.raises(ConfigError, match="empty"):
         summarize([])
+
+
+def test_verdict_flags_spread_and_too_few_samples() -> None:
+    from benchlib.harness.stats import verdict
+
+    steady = summarize([1.0, 1.01, 0.99, 1.0, 1.0])
+    assert verdict(steady, "cpu") == ("valid", ())
+    assert verdict(steady, "cuda") == ("valid", ())
+    noisy = summarize([1.0, 1.3, 0.8, 1.0, 1.1])
+    # std = sqrt(0.132 / 4) = 0.1817, mean 1.04: CV 17.5%
+    assert verdict(noisy, "cpu") == ("suspect", ("CV 17.5% over 10%",))
+    assert verdict(summarize([1.0, 1.05, 1.0, 1.0, 1.0]), "cuda")[0] == "suspect"
+    assert verdict(summarize([1.0, 1.0]), "cpu") == ("suspect", ("only 2 samples",))
+
+
+def test_bootstrap_interval_is_pinned_for_a_fixed_seed() -> None:
+    samples = [0.010, 0.011, 0.012, 0.010, 0.013, 0.011, 0.050, 0.012, 0.011, 0.010]
+    assert bootstrap_median_ci(samples, seed=0) == pytest.approx((0.010, 0.0125))

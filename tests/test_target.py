@@ -61,3 +61,22 @@ def test_precision_parse() -> None:
     assert Precision.parse(" FP16 ") is Precision.FP16
     with pytest.raises(ConfigError, match="unknown precision 'fp8'; choose from: bf16, fp16, fp32"):
         Precision.parse("fp8")
+
+
+class ExplodingTarget(EagerCopyTarget):
+    def __init__(self) -> None:
+        raise RuntimeError("driver missing")
+
+
+class NotATarget:
+    pass
+
+
+def test_a_broken_third_party_target_is_skipped_with_its_reason() -> None:
+    registry = TargetRegistry(
+        {"fake-eager": EagerCopyTarget, "boom": ExplodingTarget, "odd": NotATarget}
+    )  # type: ignore[dict-item]
+    selection = registry.select(["cpu"])
+    assert selection.targets == ("fake-eager",)
+    assert "driver missing" in selection.skipped["boom"]
+    assert "does not implement the Target protocol" in selection.skipped["odd"]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 
 from benchlib.errors import ConfigError
+from benchlib.harness.stats import summarize
 from benchlib.harness.timing import TimingConfig, measure
 from tests.fakes import FakeClock, timed_prepared
 
@@ -65,3 +68,44 @@ def test_max_time_caps_very_slow_calls() -> None:
 def test_bad_timing_config_is_rejected(field: str) -> None:
     with pytest.raises(ConfigError, match=field):
         TimingConfig(**{field: -1})
+
+
+def test_fake_clock_samples_give_hand_computed_statistics() -> None:
+    clock = FakeClock()
+    # cold call 1 s, then calls of 1, 2, ..., 10 ms
+    prepared = timed_prepared(clock, lambda n: 1.0 if n == 0 else n * 1e-3)
+    cfg = TimingConfig(
+        warmup_runs=0, warmup_s=0.0, min_samples=10, min_time_s=0.0, min_sample_s=0.0
+    )
+    t = measure(prepared, cfg, clock)
+    assert t.cold_s == pytest.approx(1.0)
+    assert t.samples_s == pytest.approx(tuple(n * 1e-3 for n in range(1, 11)))
+    s = summarize(t.samples_s)
+    assert (s.median, s.p90, s.iqr, s.mad) == pytest.approx((5.5e-3, 9.1e-3, 4.5e-3, 2.5e-3))
+    assert t.total_s == pytest.approx(1.0 + 0.055)
+
+
+def test_a_cold_call_made_by_the_caller_is_not_repeated() -> None:
+    clock = FakeClock()
+    calls: list[int] = []
+    prepared = timed_prepared(clock, lambda n: calls.append(n) or 0.01)
+    cfg = TimingConfig(warmup_runs=2, warmup_s=0.0, min_samples=3, min_time_s=0.0, min_sample_s=0.0)
+    t = measure(prepared, cfg, clock, cold_s=0.7)
+    assert t.cold_s == 0.7
+    assert len(calls) == 2 + 3
+
+
+def test_garbage_collector_is_restored() -> None:
+    clock = FakeClock()
+    prepared = timed_prepared(clock, lambda n: 0.01)
+    measure(prepared, TimingConfig(min_samples=2, min_time_s=0.0, warmup_s=0.0), clock)
+    assert gc.isenabled()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("warmup_s", -1.0), ("max_samples", 1), ("max_time_s", 0.5), ("min_sample_s", -1e-3)],
+)
+def test_more_bad_timing_configs(field: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=field):
+        TimingConfig(**{field: value})

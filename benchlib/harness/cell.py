@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from benchlib.errors import BenchError
-from benchlib.harness.timing import Clock, TimingConfig, measure
+from benchlib.harness.timing import Clock, TimingConfig, first_call, measure
 from benchlib.harness.verify import verify
 from benchlib.pruning import Variant
 from benchlib.results import CellKey, CellRecord, Status
@@ -75,8 +75,9 @@ def run_cell(
         with torch.no_grad():
             expected = variant.module(*inputs)
         prepared = target.prepare(variant.module, inputs, device, precision)
-        error = verify(prepared.run(), expected, precision)
-        measured = measure(prepared, timing, clock)
+        output, cold_s = first_call(prepared, clock)
+        error = verify(output, expected, precision)
+        measured = measure(prepared, timing, clock, cold_s=cold_s)
     except BenchError as exc:
         return CellRecord(
             status=Status.FAILED,

@@ -17,8 +17,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
-from benchlib.analysis import summarize_records
-from benchlib.errors import BenchError
+import torch
+
+from benchlib.analysis import Row, summarize_records
+from benchlib.errors import BenchError, ConfigError
 from benchlib.harness.cell import run_cell
 from benchlib.harness.environment import apply_threads, fingerprint
 from benchlib.harness.timing import Clock
@@ -61,23 +63,33 @@ class _Silent:
 
 @dataclass(frozen=True)
 class RunResult:
-    """Where a run was written and what it holds."""
+    """Where a run was written and what it holds: the records and their summary rows."""
 
     directory: Path
     records: tuple[CellRecord, ...]
+    rows: tuple[Row, ...]
     selection: Selection
     interrupted: bool
 
 
 def new_run_dir(root: Path, suite_name: str, now: dt.datetime) -> Path:
-    """``root/<YYYYmmdd-HHMMSS>-<suite>``, with a numeric suffix if that already exists."""
+    """Create ``root/<YYYYmmdd-HHMMSS>-<suite>``, suffixed ``-2``, ``-3``... if taken.
+
+    Raises ConfigError when ``root`` cannot hold it (not a folder, no permission).
+    """
     stem = f"{now:%Y%m%d-%H%M%S}-{suite_name}"
-    candidate, n = root / stem, 1
-    while candidate.exists():
-        n += 1
-        candidate = root / f"{stem}-{n}"
-    candidate.mkdir(parents=True)
-    return candidate
+    for n in range(1, 1000):
+        candidate = root / (stem if n == 1 else f"{stem}-{n}")
+        try:
+            candidate.mkdir(parents=True)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create a run folder under --out {str(root)!r}: {exc}"
+            ) from exc
+        return candidate
+    raise ConfigError(f"too many runs named {stem!r} under {str(root)!r}")
 
 
 def _cells(suite: Suite, model: str, spec: str, targets: tuple[str, ...]) -> Iterator[CellKey]:
@@ -141,10 +153,19 @@ def run_suite(
     """
     observer = observer or _Silent()
     planned = suite if isinstance(suite, Plan) else plan(suite, registry)
+    directory = new_run_dir(out_root, planned.suite.name, dt.datetime.now())
+    previous_threads = torch.get_num_threads()
+    try:
+        return _run(planned, directory, registry, observer, clock)
+    finally:  # the caller's process is left as it was
+        torch.set_num_threads(previous_threads)
+
+
+def _run(
+    planned: Plan, directory: Path, registry: TargetRegistry, observer: Observer, clock: Clock
+) -> RunResult:
     suite, selection = planned.suite, planned.selection
     threads = apply_threads(suite.threads)
-
-    directory = new_run_dir(out_root, suite.name, dt.datetime.now())
     write_json(
         directory / RUN_FILE,
         {
@@ -171,8 +192,9 @@ def run_suite(
                     observer.finished(record)
     except KeyboardInterrupt:
         interrupted = True
-    write_json(directory / SUMMARY_FILE, [row.to_dict() for row in summarize_records(records)])
-    return RunResult(directory, tuple(records), selection, interrupted)
+    rows = tuple(summarize_records(records))
+    write_json(directory / SUMMARY_FILE, [row.to_dict() for row in rows])
+    return RunResult(directory, tuple(records), rows, selection, interrupted)
 
 
 def _variant_records(

@@ -101,3 +101,19 @@ def summarize(
         ci_high=ci_high,
         confidence=confidence,
     )
+
+
+CV_LIMIT = {"cpu": 0.10, "cuda": 0.02}
+"""Largest coefficient of variation of a stable measurement, per device type (DESIGN 6)."""
+MIN_STABLE_SAMPLES = 5
+
+
+def verdict(summary: Summary, device_type: str) -> tuple[str, tuple[str, ...]]:
+    """``("valid", ())`` or ``("suspect", reasons)`` from the spread and count of samples."""
+    reasons = []
+    limit = CV_LIMIT.get(device_type, CV_LIMIT["cpu"])
+    if summary.cv > limit:
+        reasons.append(f"CV {summary.cv:.1%} over {limit:.0%}")
+    if summary.n < MIN_STABLE_SAMPLES:
+        reasons.append(f"only {summary.n} samples")
+    return ("suspect" if reasons else "valid"), tuple(reasons)

@@ -12,10 +12,12 @@ and so one sample per inference.
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from benchlib.errors import ConfigError
 from benchlib.target import Prepared
@@ -72,14 +74,32 @@ class Timing:
     total_s: float
 
 
-def measure(
-    prepared: Prepared, config: TimingConfig, clock: Clock = time.perf_counter_ns
-) -> Timing:
-    """Time ``prepared.run`` under ``config``; every sample ends with ``synchronize()``."""
+def first_call(prepared: Prepared, clock: Clock = time.perf_counter_ns) -> tuple[Any, float]:
+    """The cold first call (lazy initialisation, JIT profiling): its output and seconds."""
     begin = clock()
-    prepared.run()
+    output = prepared.run()
     prepared.synchronize()
-    cold_ns = clock() - begin
+    return output, (clock() - begin) / NS_PER_S
+
+
+def measure(
+    prepared: Prepared,
+    config: TimingConfig,
+    clock: Clock = time.perf_counter_ns,
+    *,
+    cold_s: float | None = None,
+) -> Timing:
+    """Time ``prepared.run`` under ``config``; every sample ends with ``synchronize()``.
+
+    ``cold_s`` is the first call when the caller already made it (with ``first_call``, to
+    verify its output); otherwise ``measure`` makes it. The garbage collector is collected
+    before and disabled during sampling (as timeit and pyperf do), then restored.
+    """
+    begin = clock()
+    made_before = 0.0 if cold_s is None else cold_s
+    if cold_s is None:
+        _, cold_s = first_call(prepared, clock)
+    cold_ns = round(cold_s * NS_PER_S)
 
     warm_start = clock()
     warm_runs = 0
@@ -92,6 +112,28 @@ def measure(
     per_call_ns = warm_ns / warm_runs if warm_runs else cold_ns
     loops = max(1, math.ceil(config.min_sample_s * NS_PER_S / max(per_call_ns, 1)))
 
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        samples = _sample(prepared, config, clock, loops)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return Timing(
+        samples_s=samples,
+        loops=loops,
+        cold_s=cold_s,
+        warmup_runs=warm_runs,
+        warmup_s=warm_ns / NS_PER_S,
+        total_s=(clock() - begin) / NS_PER_S + made_before,
+    )
+
+
+def _sample(
+    prepared: Prepared, config: TimingConfig, clock: Clock, loops: int
+) -> tuple[float, ...]:
+    """The timed loop: seconds per inference, one value per sample, until the stop rule."""
     samples: list[float] = []
     sampling_start = clock()
     while True:
@@ -106,11 +148,4 @@ def measure(
             break
         if elapsed_s >= config.max_time_s and len(samples) >= MIN_SAMPLES_ALWAYS:
             break
-    return Timing(
-        samples_s=tuple(samples),
-        loops=loops,
-        cold_s=cold_ns / NS_PER_S,
-        warmup_runs=warm_runs,
-        warmup_s=warm_ns / NS_PER_S,
-        total_s=(clock() - begin) / NS_PER_S,
-    )
+    return tuple(samples)

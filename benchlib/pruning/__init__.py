@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 import torch
@@ -20,7 +20,7 @@ from benchlib.flops import FlopReport, count
 from benchlib.models import Model
 from benchlib.pruning.recipe import Recipe, weights_sha256
 from benchlib.pruning.spec import PruneSpec, parse_spec, split_specs
-from benchlib.pruning.unstructured import prune_magnitude, replay_magnitude
+from benchlib.pruning.unstructured import MASK_FLAGS, prune_magnitude, replay_magnitude
 
 __all__ = [
     "METHODS",
@@ -38,12 +38,14 @@ __all__ = [
 @dataclass(frozen=True)
 class Method:
     """One pruning method: ``apply`` prunes a module in place and returns its recipe;
-    ``replay`` redoes a recipe in place. ``takes_amount`` says whether ``METHOD:AMOUNT``."""
+    ``replay`` redoes a recipe in place. ``takes_amount`` says whether ``METHOD:AMOUNT``;
+    ``flags`` are the boolean options it understands."""
 
     apply: Callable[[nn.Module, PruneSpec, torch.Tensor], Recipe]
     replay: Callable[[nn.Module, PruneSpec, Recipe], None]
     takes_amount: bool
     summary: str
+    flags: frozenset[str] = frozenset()
 
 
 def _dense(model: nn.Module, spec: PruneSpec, example: torch.Tensor) -> Recipe:
@@ -58,10 +60,18 @@ METHODS: Mapping[str, Method] = MappingProxyType(
     {
         "dense": Method(_dense, _replay_dense, False, "the unpruned baseline"),
         "magnitude": Method(
-            prune_magnitude, replay_magnitude, True, "global |w| ranking over conv/linear weights"
+            prune_magnitude,
+            replay_magnitude,
+            True,
+            "global |w| ranking over conv/linear weights",
+            MASK_FLAGS,
         ),
         "magnitude-layer": Method(
-            prune_magnitude, replay_magnitude, True, "the same |w| ratio in every layer"
+            prune_magnitude,
+            replay_magnitude,
+            True,
+            "the same |w| ratio in every layer",
+            MASK_FLAGS,
         ),
     }
 )
@@ -86,17 +96,28 @@ class Variant:
 
 
 def resolve(spec: str | PruneSpec) -> tuple[PruneSpec, Method]:
-    """Parse and validate a spec: known method, amount in range. Raises ConfigError."""
+    """Parse and validate a spec completely: a known method, its arguments and options.
+
+    Returns the canonical spec (amounts written as ``repr(float)``, so ``magnitude:.5`` and
+    ``magnitude:0.50`` are one variant, ``magnitude:0.5``). Raises ConfigError.
+    """
+    if not isinstance(spec, (str, PruneSpec)):
+        raise ConfigError(f"pruning spec {spec!r} is not text, e.g. 'magnitude:0.5'")
     parsed = parse_spec(spec) if isinstance(spec, str) else spec
     method = METHODS.get(parsed.method)
     if method is None:
         raise unknown_choice("pruning method", parsed.method, METHODS)
     if method.takes_amount:
-        parsed.amount()
         if len(parsed.args) > 1:
             raise ConfigError(f"spec {str(parsed)!r} takes one amount, e.g. '{parsed.method}:0.5'")
+        parsed = replace(parsed, args=(repr(parsed.amount()),))
     elif parsed.args:
         raise ConfigError(f"spec {str(parsed)!r} takes no arguments")
+    for key in parsed.options:
+        if key not in method.flags:
+            error = unknown_choice("option", key, method.flags or ["(none)"])
+            raise ConfigError(f"{error} (in spec {str(parsed)!r})")
+        parsed.flag(key)
     return parsed, method
 
 

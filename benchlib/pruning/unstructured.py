@@ -22,7 +22,8 @@ from benchlib.flops import count
 from benchlib.pruning.recipe import Recipe, weights_sha256
 from benchlib.pruning.spec import PruneSpec
 
-WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+MASK_FLAGS = frozenset({"prune_first", "prune_classifier"})
+"""The options every mask method takes."""
 
 
 def weight_layers_in_order(model: nn.Module, example: torch.Tensor) -> list[str]:

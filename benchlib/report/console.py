@@ -24,7 +24,8 @@ LEGEND = (
     "layers only. Median: latency of one batch, with "
     "its bootstrap 95% CI. T = dense median / variant median on the same target and batch "
     "size (measured speedup). eta = (1 - 1/T) / (1 - 1/F): the share of the theoretical "
-    "saving that became real. ! marks T > F (a cache or step effect)."
+    "saving that became real. ! marks T > F (a cache or step effect); ~ marks a suspect "
+    "measurement (CV over 10% on CPU, 2% on GPU, or under 5 samples: rerun on a quiet machine)."
 )
 
 
@@ -97,7 +98,10 @@ def _median_cells(row: Row) -> tuple[Text, Text]:
     if row.status != "ok":
         return Text(row.status, style="red" if row.status == "failed" else "yellow"), Text("")
     interval = fmt_interval(row.ci_low_s, row.ci_high_s, like=row.median_s or 0.0)
-    return Text(fmt_latency(row.median_s)), Text(interval, style="dim")
+    median = Text(fmt_latency(row.median_s))
+    if row.verdict == "suspect":
+        median.append(" ~", style="bold yellow")
+    return median, Text(interval, style="dim")
 
 
 def latency_table(rows: Sequence[Row]) -> Table:
