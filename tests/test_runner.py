@@ -19,7 +19,7 @@ from benchlib.results import (
     read_records,
 )
 from benchlib.suite import Suite
-from benchlib.target import TargetRegistry
+from benchlib.target import Prepared, TargetRegistry
 from tests.fakes import CrashingTarget, EagerCopyTarget, FakeGpuTarget, WrongOutputTarget
 
 FAST = TimingConfig(warmup_runs=1, warmup_s=0.0, min_samples=3, min_time_s=0.0)
@@ -45,10 +45,11 @@ REGISTRY = TargetRegistry({"fake-eager": EagerCopyTarget, "fake-gpu": FakeGpuTar
 def test_every_cell_is_recorded_with_its_dense_baseline(tmp_path: Path) -> None:
     result = run_suite(suite(), registry=REGISTRY, out_root=tmp_path)
     records = list(read_records(result.directory / RESULTS_FILE))
+    # baseline and variant back to back, batch size by batch size
     assert [(r.key.spec, r.key.batch_size) for r in records] == [
         ("dense", 1),
-        ("dense", 2),
         ("magnitude:0.5", 1),
+        ("dense", 2),
         ("magnitude:0.5", 2),
     ]
     assert all(r.status is Status.OK and len(r.samples_s) >= 3 for r in records)
@@ -147,3 +148,31 @@ def test_a_pruning_failure_fails_only_that_variant(tmp_path: Path) -> None:
     assert dense.status is Status.OK
     assert pruned.status is Status.FAILED
     assert pruned.reason == "PruningError: the model has no conv or linear layer to prune"
+
+
+class InterruptOnThirdRun(EagerCopyTarget):
+    """Ctrl-C arrives inside the third cell's inference."""
+
+    def __init__(self) -> None:
+        self.prepared = 0
+
+    def prepare(self, model, inputs, device, precision):  # type: ignore[no-untyped-def]
+        self.prepared += 1
+        if self.prepared == 3:
+
+            def interrupted() -> None:
+                raise KeyboardInterrupt
+
+            return Prepared(run=interrupted, synchronize=lambda: None)
+        return super().prepare(model, inputs, device, precision)
+
+
+def test_interrupt_inside_a_cell_keeps_the_cells_before_it(tmp_path: Path) -> None:
+    registry = TargetRegistry({"fake-eager": InterruptOnThirdRun})
+    result = run_suite(suite(), registry=registry, out_root=tmp_path)
+    assert result.interrupted
+    stored = list(read_records(result.directory / RESULTS_FILE))
+    assert [(r.key.spec, r.key.batch_size) for r in stored] == [
+        ("dense", 1),
+        ("magnitude:0.5", 1),
+    ]

@@ -2,13 +2,15 @@
 
 Order of work: validate everything the user typed (targets, models, specs) before the run
 folder exists; write ``run.json``; build each model once with its dense baseline and variants;
-run every cell and append its record to ``results.jsonl`` at once; write ``summary.json``.
+run every cell (a baseline and its variants back to back) and append its record to
+``results.jsonl`` at once; write ``summary.json``.
 A failing cell is recorded and the run goes on; Ctrl-C stops after writing the summary of
 what finished, and the result says it was interrupted.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import time
 import traceback
@@ -26,7 +28,7 @@ from benchlib.harness.environment import apply_threads, fingerprint
 from benchlib.harness.timing import Clock
 from benchlib.loading import load_model
 from benchlib.models import Model
-from benchlib.pruning import prune
+from benchlib.pruning import Variant, prune
 from benchlib.results import (
     RESULTS_FILE,
     RUN_FILE,
@@ -90,19 +92,6 @@ def new_run_dir(root: Path, suite_name: str, now: dt.datetime) -> Path:
             ) from exc
         return candidate
     raise ConfigError(f"too many runs named {stem!r} under {str(root)!r}")
-
-
-def _cells(suite: Suite, model: str, spec: str, targets: tuple[str, ...]) -> Iterator[CellKey]:
-    for target in targets:
-        for batch_size in suite.batch_sizes:
-            for precision in suite.precisions:
-                yield CellKey(
-                    model=model,
-                    spec=spec,
-                    target=target,
-                    batch_size=batch_size,
-                    precision=precision,
-                )
 
 
 @dataclass(frozen=True)
@@ -183,13 +172,12 @@ def _run(
     interrupted = False
     try:
         for model in planned.models:
-            for spec in suite.variant_specs:
-                for record in _variant_records(
-                    suite, model, spec, selection, registry, threads, observer, clock
-                ):
-                    append_record(directory / RESULTS_FILE, record)
-                    records.append(record)
-                    observer.finished(record)
+            for record in _model_records(
+                suite, model, selection, registry, threads, observer, clock
+            ):
+                append_record(directory / RESULTS_FILE, record)
+                records.append(record)
+                observer.finished(record)
     except KeyboardInterrupt:
         interrupted = True
     rows = tuple(summarize_records(records))
@@ -197,35 +185,52 @@ def _run(
     return RunResult(directory, tuple(records), rows, selection, interrupted)
 
 
-def _variant_records(
+def _model_records(
     suite: Suite,
     model: Model,
-    spec: str,
     selection: Selection,
     registry: TargetRegistry,
     threads: int,
     observer: Observer,
     clock: Clock,
 ) -> Iterator[CellRecord]:
-    """The records of every cell of one variant; a pruning failure fails all of them."""
-    try:
-        variant = prune(model, spec)
-    except Exception as exc:  # a pruner that crashes fails its cells, not the run
-        crashed = not isinstance(exc, BenchError)
-        reason = f"{'crashed: ' if crashed else ''}{type(exc).__name__}: {exc}"
-        trace = traceback.format_exc() if crashed else ""
-        for key in _cells(suite, model.name, spec, selection.targets):
-            yield CellRecord(
-                key=key, status=Status.FAILED, reason=reason, traceback=trace, threads=threads
+    """Every cell of one model. All variants are built first, then for each target, batch
+    size and precision the dense baseline and its variants run back to back, so that drift
+    of the machine (heat, background load) does not fall between the two sides of a speedup.
+    A variant whose pruning fails has all its cells failed; the others go on."""
+    variants: dict[str, Variant | CellRecord] = {}
+    for spec in suite.variant_specs:
+        try:
+            variants[spec] = prune(model, spec)
+        except Exception as exc:  # a pruner that crashes fails its cells, not the run
+            crashed = not isinstance(exc, BenchError)
+            variants[spec] = CellRecord(
+                key=CellKey(model=model.name, spec=spec, target="", batch_size=0, precision=""),
+                status=Status.FAILED,
+                reason=f"{'crashed: ' if crashed else ''}{type(exc).__name__}: {exc}",
+                traceback=traceback.format_exc() if crashed else "",
+                threads=threads,
             )
-        return
-    for key in _cells(suite, model.name, variant.label, selection.targets):
-        observer.started(key)
-        yield run_cell(
-            variant,
-            registry.get(key.target),
-            key,
-            timing=suite.timing,
-            threads=threads,
-            clock=clock,
-        )
+    for target in selection.targets:
+        for batch_size in suite.batch_sizes:
+            for precision in suite.precisions:
+                for spec, built in variants.items():
+                    key = CellKey(
+                        model=model.name,
+                        spec=spec,
+                        target=target,
+                        batch_size=batch_size,
+                        precision=precision,
+                    )
+                    observer.started(key)
+                    if isinstance(built, CellRecord):
+                        yield dataclasses.replace(built, key=key)
+                        continue
+                    yield run_cell(
+                        built,
+                        registry.get(target),
+                        key,
+                        timing=suite.timing,
+                        threads=threads,
+                        clock=clock,
+                    )
