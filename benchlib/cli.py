@@ -206,7 +206,10 @@ def targets() -> None:
 @_handle_errors
 def models() -> None:
     """List the model zoo with input size, parameters and GMACs per image."""
-    Console().print(models_table(describe_zoo()))
+    console = Console()
+    with console.status("counting every zoo model on the meta device"):
+        entries = describe_zoo()
+    console.print(models_table(entries))
 
 
 def main() -> None:
