@@ -13,7 +13,7 @@ from benchlib.target import Precision
 
 def cuda_unavailable_reason() -> str | None:
     """None when a CUDA device can be used, else why not (one line)."""
-    if not torch.backends.cuda.is_built():
+    if not torch.backends.cuda.is_built():  # type: ignore[no-untyped-call]
         return f"this torch build ({torch.__version__}) has no CUDA support"
     if not torch.cuda.is_available():
         return "no CUDA device is visible (torch.cuda.is_available() is False)"

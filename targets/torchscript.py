@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.jit._trace import TracerWarning
 
 from benchlib.errors import ExportError
 from benchlib.target import DeviceKind, Precision, Prepared
@@ -44,13 +45,15 @@ class TorchScript:
         with warnings.catch_warnings(record=True) as caught, torch.no_grad():
             warnings.simplefilter("always")
             try:
-                traced = torch.jit.trace(placed, bound, check_trace=False)
+                traced = torch.jit.trace(  # type: ignore[no-untyped-call]
+                    placed, bound, check_trace=False
+                )
                 scripted = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
             except Exception as exc:  # the JIT raises many unrelated types
                 raise ExportError(f"torchscript could not trace the model: {exc}") from exc
         build_s = time.perf_counter() - start
         tracer_warnings = sorted(
-            {str(w.message) for w in caught if issubclass(w.category, torch.jit.TracerWarning)}
+            {str(w.message) for w in caught if issubclass(w.category, TracerWarning)}
         )
 
         def run() -> Any:
