@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from benchlib.harness.gpu import GpuSample, gpu_verdict_reasons
 from benchlib.harness.stats import summarize, verdict
 from benchlib.results import CellRecord, Status
 
@@ -74,6 +75,15 @@ def _ratio(num: int | float | None, den: int | float | None) -> float | None:
     return float(num) / float(den)
 
 
+def gpu_reasons(record: CellRecord) -> tuple[str, ...]:
+    """Why NVML's samples around a cell make it suspect (throttling, other processes)."""
+    before, after = record.gpu_before, record.gpu_after
+    return gpu_verdict_reasons(
+        GpuSample.from_dict(before) if before else None,
+        GpuSample.from_dict(after) if after else None,
+    )
+
+
 def summarize_records(records: Iterable[CellRecord]) -> list[Row]:
     """Rows for every record, speedups taken against the matching dense record."""
     records = list(records)
@@ -95,7 +105,11 @@ def summarize_records(records: Iterable[CellRecord]) -> list[Row]:
         measured = _ratio(
             base_stats.median if base_stats else None, stats.median if stats else None
         )
-        judged = verdict(stats, record.device.split(":")[0]) if stats else ("", ())
+        judged = (
+            verdict(record.samples_s, record.device.split(":")[0], gpu_reasons(record))
+            if stats
+            else ("", ())
+        )
         flags = []
         if theoretical is not None and measured is not None and measured > theoretical * 1.0001:
             flags.append("T>F: cache or step effect")

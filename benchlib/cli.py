@@ -21,11 +21,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from benchlib.catalog import describe_zoo
 from benchlib.errors import BenchError, ConfigError, ModelLoadError, TargetUnavailable
-from benchlib.harness.runner import plan, run_suite
+from benchlib.harness.runner import plan, resume_run, run_suite
 from benchlib.pruning import split_specs
 from benchlib.report.console import models_table, render_summary, targets_table
 from benchlib.results import CellKey, CellRecord, Status
-from benchlib.suite import load_suite
+from benchlib.suite import Suite, load_suite
 from benchlib.target import TargetRegistry
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -70,14 +70,25 @@ def _batch_sizes(text: str | None) -> tuple[int, ...] | None:
 
 
 class _ProgressObserver:
-    """Draws the run's progress bar; one line per finished cell when it fails."""
+    """Draws the run's progress bar, started only once the run has passed validation (so
+    that a bad-input error is the only thing printed); one line per failed cell."""
 
-    def __init__(self, progress: Progress) -> None:
-        self._progress = progress
-        self._task = progress.add_task("starting", total=None)
+    def __init__(self, console: Console) -> None:
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
+        self._task = self._progress.add_task("starting", total=None)
+        self._started = False
 
     def planned(self, total_cells: int) -> None:
         self._progress.update(self._task, total=total_cells)
+        self._progress.start()
+        self._started = True
 
     def started(self, key: CellKey) -> None:
         self._progress.update(self._task, description=key.label())
@@ -86,6 +97,10 @@ class _ProgressObserver:
         if record.status is Status.FAILED:
             self._progress.console.print(f"[red]failed[/red] {record.key.label()}: {record.reason}")
         self._progress.advance(self._task)
+
+    def close(self) -> None:
+        if self._started:  # stopping a bar that never started still prints a newline
+            self._progress.stop()
 
 
 @click.group()
@@ -116,6 +131,7 @@ def bench(verbose: bool) -> None:
     help="A state dict for the model (loaded with weights_only=True).",
 )
 @click.option("--trust", is_flag=True, help="Allow loading a pickled whole module.")
+@click.option("--cell-timeout", type=float, help="Time limit of one cell's worker, in seconds.")
 @click.option(
     "--out",
     "out_root",
@@ -124,9 +140,66 @@ def bench(verbose: bool) -> None:
     show_default=True,
     help="Folder for run folders.",
 )
+@click.option(
+    "--resume",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Finish the run in this run folder: skip its finished cells, run the rest.",
+)
+@click.option("--retry-failed", is_flag=True, help="With --resume: run failed cells again.")
+@click.option(
+    "--isolation/--no-isolation",
+    default=True,
+    show_default=True,
+    help="One fresh worker process per cell; --no-isolation runs cells in this process.",
+)
 @_handle_errors
 def run(
     suite_name: str,
+    out_root: Path,
+    resume: Path | None,
+    retry_failed: bool,
+    isolation: bool,
+    **options: Any,
+) -> None:
+    """Run a suite (default: quick) and print FLOPs against measured latency."""
+    console = Console()
+    registry = TargetRegistry.from_entry_points()
+    given = {k: v for k, v in options.items() if v not in (None, False)}
+    if resume is not None and (given or suite_name != "quick"):
+        extra = next(iter(given), "suite").replace("_", "-")
+        raise ConfigError(f"--resume takes the suite from {resume}; drop --{extra}")
+    observer = _ProgressObserver(console)
+    try:
+        if resume is not None:
+            result = resume_run(
+                resume,
+                registry=registry,
+                observer=observer,
+                retry_failed=retry_failed,
+                isolate=isolation,
+            )
+        else:
+            planned = plan(_suite(suite_name, **options), registry)
+            result = run_suite(
+                planned, registry=registry, out_root=out_root, observer=observer, isolate=isolation
+            )
+    finally:
+        observer.close()
+    for line in _skipped_lines(result.selection.skipped):
+        console.print(f"[yellow]skipped[/yellow] {line}")
+    console.print(render_summary(result.rows))
+    console.print(f"Run folder: {result.directory}")
+    if result.interrupted:
+        console.print(
+            f"[yellow]interrupted[/yellow]: finished cells are kept; "
+            f"bench run --resume {result.directory} finishes the run"
+        )
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def _suite(
+    suite_name: str,
+    *,
     models: str | None,
     specs: str | None,
     targets: str | None,
@@ -136,10 +209,9 @@ def run(
     input_size: int | None,
     weights: Path | None,
     trust: bool,
-    out_root: Path,
-) -> None:
-    """Run a suite (default: quick) and print FLOPs against measured latency."""
-    suite = load_suite(suite_name)
+    cell_timeout: float | None,
+) -> Suite:
+    """The named suite with the command line's overrides applied (and validated)."""
     overrides: dict[str, Any] = {
         "models": _split(models),
         "specs": tuple(split_specs(specs)) if specs is not None else None,
@@ -149,32 +221,11 @@ def run(
         "threads": threads,
         "input_size": input_size,
         "weights": str(weights) if weights is not None else None,
+        "cell_timeout_s": cell_timeout,
+        "trust": trust or None,
     }
     changes = {k: v for k, v in overrides.items() if v is not None}
-    if trust:
-        changes["trust"] = True
-    suite = dataclasses.replace(suite, **changes)
-    console = Console()
-    registry = TargetRegistry.from_entry_points()
-    planned = plan(suite, registry)
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as progress:
-        result = run_suite(
-            planned, registry=registry, out_root=out_root, observer=_ProgressObserver(progress)
-        )
-    for line in _skipped_lines(result.selection.skipped):
-        console.print(f"[yellow]skipped[/yellow] {line}")
-    console.print(render_summary(result.rows))
-    console.print(f"Run folder: {result.directory}")
-    if result.interrupted:
-        console.print("[yellow]interrupted[/yellow]: finished cells are kept in the run folder")
-        sys.exit(EXIT_INTERRUPTED)
+    return dataclasses.replace(load_suite(suite_name), **changes)
 
 
 def _skipped_lines(skipped: Mapping[str, str]) -> list[str]:

@@ -247,7 +247,11 @@ def _load_factory(ref: str, input_size: int | None) -> Model:
     if not callable(factory):
         raise ConfigError(f"factory {ref!r}: {module_name} has no function {function_name!r}")
     try:
-        result = factory()
+        # Seeded like the zoo: the same factory gives the same weights in every process, so a
+        # recipe made in the runner replays in a worker.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            result = factory()
     except Exception as exc:
         raise ModelLoadError(f"factory {ref!r} raised {type(exc).__name__}: {exc}") from exc
     stored = None

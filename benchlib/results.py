@@ -19,7 +19,8 @@ from typing import Any
 from benchlib.errors import ConfigError
 
 SCHEMA_VERSION = 1
-"""History: 1 - first version."""
+"""History: 1 - first version (clock, host_s, memory, gpu_before and gpu_after were added
+with defaults, so every version-1 file still loads)."""
 
 RESULTS_FILE = "results.jsonl"
 RUN_FILE = "run.json"
@@ -54,6 +55,9 @@ class CellRecord:
 
     ``flops`` holds per-image counts of the variant: macs, nonzero_macs, params,
     nonzero_params, and pruned_macs / pruned_nonzero_macs over the layers the spec touched.
+    ``clock`` says what timed the samples ("host", "cuda events"); ``host_s`` is the host's
+    end-to-end seconds per inference on CUDA. ``memory`` comes from a pass apart from timing
+    (``benchlib.harness.memory``); ``gpu_before`` / ``gpu_after`` are NVML samples.
     """
 
     key: CellKey
@@ -71,6 +75,11 @@ class CellRecord:
     flops: Mapping[str, int] = field(default_factory=dict)
     info: Mapping[str, Any] = field(default_factory=dict)
     duration_s: float = 0.0
+    clock: str = "host"
+    host_s: float | None = None
+    memory: Mapping[str, Any] = field(default_factory=dict)
+    gpu_before: Mapping[str, Any] | None = None
+    gpu_after: Mapping[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,6 +129,24 @@ def read_records(path: Path) -> Iterator[CellRecord]:
                 return
             raise ConfigError(f"{path}:{number} is not valid JSON: {exc}") from exc
         yield CellRecord.from_dict(data)
+
+
+def repair_tail(path: Path) -> None:
+    """Cut a torn last line (a run killed mid-write) so that appends start on a new line."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def latest_records(path: Path) -> tuple[CellRecord, ...]:
+    """The records of a results.jsonl, the last one of each cell when a cell was retried."""
+    latest: dict[CellKey, CellRecord] = {}
+    for record in read_records(path):
+        latest.pop(record.key, None)
+        latest[record.key] = record
+    return tuple(latest.values())
 
 
 def write_json(path: Path, data: Any) -> None:

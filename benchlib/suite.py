@@ -3,7 +3,8 @@
 A suite is a TOML file; ``load_suite("quick")`` finds ``benchmarks/suites/quick.toml`` in the
 current directory or in the benchlib checkout, and a path loads that file. Keys:
 
-    name, description, models, specs, targets, batch_sizes, precisions, input_size, threads
+    name, description, models, specs, targets, batch_sizes, precisions, input_size, threads,
+    cell_timeout_s (the time limit of one cell's worker, seconds)
     [timing]  any field of ``TimingConfig``
 """
 
@@ -48,6 +49,7 @@ class Suite:
     weights: str | None = None
     trust: bool = False
     description: str = ""
+    cell_timeout_s: float = 900.0
     timing: TimingConfig = field(default_factory=TimingConfig)
 
     def __post_init__(self) -> None:
@@ -62,6 +64,14 @@ class Suite:
                 _check_positive(label, value)
         if self.weights is not None and len(self.models) != 1:
             raise ConfigError("--weights applies to exactly one model; name one with --models")
+        if (
+            isinstance(self.cell_timeout_s, bool)
+            or not isinstance(self.cell_timeout_s, (int, float))
+            or self.cell_timeout_s <= 0
+        ):
+            raise ConfigError(
+                f"cell timeout {self.cell_timeout_s!r} must be a positive number of seconds"
+            )
         if not isinstance(self.timing, TimingConfig):
             raise ConfigError(f"suite {self.name!r}: [timing] must be a table of timing options")
         for spec in self.specs:

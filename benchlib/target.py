@@ -133,6 +133,11 @@ class TargetRegistry:
     def from_entry_points(cls, group: str = ENTRY_POINT_GROUP) -> TargetRegistry:
         return cls({ep.name: ep.value for ep in entry_points(group=group)})
 
+    @property
+    def references(self) -> Mapping[str, str | type[Target]]:
+        """Name -> ``"module:attr"`` (or class): enough to rebuild the registry in a worker."""
+        return dict(self._references)
+
     def names(self) -> list[str]:
         return sorted(self._references)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -112,3 +115,71 @@ class NoWeights(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(x).mean(dim=(2, 3))
+
+
+class AbortingTarget(EagerCopyTarget):
+    """Aborts the process while preparing (SIGABRT), as a crashing native library would."""
+
+    name: ClassVar[str] = "fake-abort"
+
+    def prepare(
+        self,
+        model: nn.Module,
+        inputs: tuple[torch.Tensor, ...],
+        device: torch.device,
+        precision: Precision,
+    ) -> Prepared:
+        os.abort()
+
+
+class HangingTarget(EagerCopyTarget):
+    """Never returns from prepare: the cell's time limit must end it."""
+
+    name: ClassVar[str] = "fake-hang"
+
+    def prepare(
+        self,
+        model: nn.Module,
+        inputs: tuple[torch.Tensor, ...],
+        device: torch.device,
+        precision: Precision,
+    ) -> Prepared:
+        threading.Event().wait()
+        raise AssertionError("unreachable")
+
+
+class MemoryHogTarget(EagerCopyTarget):
+    """Asks for far more memory than any machine has."""
+
+    name: ClassVar[str] = "fake-oom"
+
+    def prepare(
+        self,
+        model: nn.Module,
+        inputs: tuple[torch.Tensor, ...],
+        device: torch.device,
+        precision: Precision,
+    ) -> Prepared:
+        hog = bytearray(1 << 50)  # 1 PiB: refused at once with MemoryError
+        raise AssertionError(f"unreachable: got {len(hog)} bytes")
+
+
+class KillOnThirdPrepare(EagerCopyTarget):
+    """SIGKILLs its own process at the third cell: a run killed mid-way (run inline)."""
+
+    name: ClassVar[str] = "fake-eager"
+
+    def __init__(self) -> None:
+        self.prepared = 0
+
+    def prepare(
+        self,
+        model: nn.Module,
+        inputs: tuple[torch.Tensor, ...],
+        device: torch.device,
+        precision: Precision,
+    ) -> Prepared:
+        self.prepared += 1
+        if self.prepared == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().prepare(model, inputs, device, precision)

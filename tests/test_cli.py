@@ -119,3 +119,15 @@ def test_targets_lists_every_target_with_reason() -> None:
     for name in ("torch-eager", "torchscript", "torch-eager-cuda", "torchscript-cuda"):
         assert name in output
     assert "available" in output
+
+
+def test_resume_takes_no_other_run_options(tmp_path: Path) -> None:
+    code, output = invoke("run", "--resume", str(tmp_path), "--models", "resnet20")
+    assert code == 2
+    assert output.strip() == f"error: --resume takes the suite from {tmp_path}; drop --models"
+
+
+def test_resume_of_a_folder_that_is_no_run(tmp_path: Path) -> None:
+    code, output = invoke("run", "--resume", str(tmp_path))
+    assert code == 2
+    assert output.startswith(f"error: cannot resume {str(tmp_path)!r}: not a run folder")

@@ -1,4 +1,7 @@
-"""The runner end to end with fake targets: every cell recorded, failures kept, Ctrl-C safe."""
+"""The runner end to end with fake targets: every cell recorded, failures kept, Ctrl-C safe.
+
+Cells run inline here (``isolate=False``): what is tested is the runner's bookkeeping; the
+worker processes have their own tests in test_worker.py."""
 
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ REGISTRY = TargetRegistry({"fake-eager": EagerCopyTarget, "fake-gpu": FakeGpuTar
 
 
 def test_every_cell_is_recorded_with_its_dense_baseline(tmp_path: Path) -> None:
-    result = run_suite(suite(), registry=REGISTRY, out_root=tmp_path)
+    result = run_suite(suite(), registry=REGISTRY, out_root=tmp_path, isolate=False)
     records = list(read_records(result.directory / RESULTS_FILE))
     # baseline and variant back to back, batch size by batch size
     assert [(r.key.spec, r.key.batch_size) for r in records] == [
@@ -88,7 +91,7 @@ def test_failing_cells_are_recorded_and_the_run_goes_on(tmp_path: Path) -> None:
             "fake-wrong": WrongOutputTarget,
         }
     )
-    result = run_suite(suite(batch_sizes=(1,)), registry=registry, out_root=tmp_path)
+    result = run_suite(suite(batch_sizes=(1,)), registry=registry, out_root=tmp_path, isolate=False)
     by_target = {(r.key.target, r.key.spec): r for r in result.records}
     crash = by_target[("fake-crash", "dense")]
     assert crash.status is Status.FAILED
@@ -103,7 +106,10 @@ def test_failing_cells_are_recorded_and_the_run_goes_on(tmp_path: Path) -> None:
 
 def test_unsupported_precision_is_a_skipped_cell(tmp_path: Path) -> None:
     result = run_suite(
-        suite(batch_sizes=(1,), precisions=("bf16",)), registry=REGISTRY, out_root=tmp_path
+        suite(batch_sizes=(1,), precisions=("bf16",)),
+        registry=REGISTRY,
+        out_root=tmp_path,
+        isolate=False,
     )
     assert {r.status for r in result.records} == {Status.SKIPPED}
     assert result.records[0].reason == "fake-eager does not run bf16 (it runs: fp32)"
@@ -124,7 +130,9 @@ class InterruptAfter:
 
 
 def test_interrupt_keeps_every_finished_cell(tmp_path: Path) -> None:
-    result = run_suite(suite(), registry=REGISTRY, out_root=tmp_path, observer=InterruptAfter(2))
+    result = run_suite(
+        suite(), registry=REGISTRY, out_root=tmp_path, observer=InterruptAfter(2), isolate=False
+    )
     assert result.interrupted
     assert len(list(read_records(result.directory / RESULTS_FILE))) == 2
     assert len(json.loads((result.directory / SUMMARY_FILE).read_text())) == 2
@@ -134,7 +142,9 @@ def test_bad_input_writes_no_run_folder(tmp_path: Path) -> None:
     from benchlib.errors import ConfigError
 
     with pytest.raises(ConfigError):
-        run_suite(suite(models=("no-such-model",)), registry=REGISTRY, out_root=tmp_path)
+        run_suite(
+            suite(models=("no-such-model",)), registry=REGISTRY, out_root=tmp_path, isolate=False
+        )
     assert not any(tmp_path.iterdir())
 
 
@@ -143,6 +153,7 @@ def test_a_pruning_failure_fails_only_that_variant(tmp_path: Path) -> None:
         suite(models=("tests.fakes:NoWeights",), batch_sizes=(1,)),
         registry=REGISTRY,
         out_root=tmp_path,
+        isolate=False,
     )
     dense, pruned = result.records
     assert dense.status is Status.OK
@@ -169,7 +180,7 @@ class InterruptOnThirdRun(EagerCopyTarget):
 
 def test_interrupt_inside_a_cell_keeps_the_cells_before_it(tmp_path: Path) -> None:
     registry = TargetRegistry({"fake-eager": InterruptOnThirdRun})
-    result = run_suite(suite(), registry=registry, out_root=tmp_path)
+    result = run_suite(suite(), registry=registry, out_root=tmp_path, isolate=False)
     assert result.interrupted
     stored = list(read_records(result.directory / RESULTS_FILE))
     assert [(r.key.spec, r.key.batch_size) for r in stored] == [

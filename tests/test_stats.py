@@ -62,14 +62,28 @@ def test_empty_samples_is_an_error() -> None:
 def test_verdict_flags_spread_and_too_few_samples() -> None:
     from benchlib.harness.stats import verdict
 
-    steady = summarize([1.0, 1.01, 0.99, 1.0, 1.0])
+    steady = [1.0, 1.01, 0.99, 1.0, 1.005]
     assert verdict(steady, "cpu") == ("valid", ())
     assert verdict(steady, "cuda") == ("valid", ())
-    noisy = summarize([1.0, 1.3, 0.8, 1.0, 1.1])
+    noisy = [1.0, 1.3, 0.8, 1.0, 1.1]
     # std = sqrt(0.132 / 4) = 0.1817, mean 1.04: CV 17.5%
-    assert verdict(noisy, "cpu") == ("suspect", ("CV 17.5% over 10%",))
-    assert verdict(summarize([1.0, 1.05, 1.0, 1.0, 1.0]), "cuda")[0] == "suspect"
-    assert verdict(summarize([1.0, 1.0]), "cpu") == ("suspect", ("only 2 samples",))
+    # Q1 = 1.0, Q3 = 1.1, fences 0.85 and 1.25: 1.3 and 0.8 are outliers too
+    assert verdict(noisy, "cpu") == (
+        "suspect",
+        ("CV 17.5% over 10%", "2 of 5 samples are Tukey outliers"),
+    )
+    assert verdict([1.0, 1.05, 1.0, 1.01, 0.99], "cuda")[0] == "suspect"
+    assert verdict([1.0, 1.0], "cpu") == ("suspect", ("only 2 samples",))
+    assert verdict(steady, "cpu", ("gpu throttled",)) == ("suspect", ("gpu throttled",))
+
+
+def test_tukey_outliers() -> None:
+    from benchlib.harness.stats import tukey_outliers, verdict
+
+    # Q1 = 1.0, Q3 = 1.0 for these: anything off 1.0 is outside the fences
+    samples = [1.0] * 18 + [1.0001, 1.05]
+    assert tukey_outliers(samples) == 2
+    assert verdict(samples, "cpu")[1] == ("2 of 20 samples are Tukey outliers",)
 
 
 def test_bootstrap_interval_is_pinned_for_a_fixed_seed() -> None:

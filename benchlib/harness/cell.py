@@ -14,6 +14,8 @@ from typing import Any
 import torch
 
 from benchlib.errors import BenchError
+from benchlib.harness import gpu
+from benchlib.harness.memory import memory_pass
 from benchlib.harness.timing import Clock, TimingConfig, first_call, measure
 from benchlib.harness.verify import verify
 from benchlib.pruning import Variant
@@ -51,8 +53,14 @@ def run_cell(
     timing: TimingConfig,
     threads: int,
     clock: Clock = time.perf_counter_ns,
+    idle_rss_bytes: int | None = None,
 ) -> CellRecord:
-    """Measure one cell and return its record (ok, failed or skipped)."""
+    """Measure one cell and return its record (ok, failed or skipped).
+
+    Order: prepare; the first call, timed as the cold call and verified against eager fp32;
+    warm-up and timing; then a separate memory pass (``idle_rss_bytes`` is the worker's RSS
+    before it built anything). On CUDA, NVML is sampled before and after.
+    """
     start = time.perf_counter()
     device = device_for(target)
     common: dict[str, Any] = {
@@ -74,10 +82,16 @@ def run_cell(
         inputs = (variant.model.example_input(key.batch_size, seed=INPUT_SEED),)
         with torch.no_grad():
             expected = variant.module(*inputs)
+        nvml = gpu.nvml_index(device) if device.type == "cuda" else None
+        gpu_before = gpu.sample(nvml) if nvml is not None else None
         prepared = target.prepare(variant.module, inputs, device, precision)
         output, cold_s = first_call(prepared, clock)
         error = verify(output, expected, precision)
-        measured = measure(prepared, timing, clock, cold_s=cold_s)
+        measured = measure(prepared, timing, clock, cold_s=cold_s, device=device)
+        memory = memory_pass(
+            prepared.run, prepared.synchronize, device, rss_idle_bytes=idle_rss_bytes
+        )
+        gpu_after = gpu.sample(nvml) if nvml is not None else None
     except BenchError as exc:
         return CellRecord(
             status=Status.FAILED,
@@ -101,6 +115,11 @@ def run_cell(
         warmup_runs=measured.warmup_runs,
         max_error=error,
         info=dict(prepared.info),
+        clock=measured.clock,
+        host_s=measured.host_s,
+        memory=memory.to_dict(),
+        gpu_before=gpu_before.to_dict() if gpu_before else None,
+        gpu_after=gpu_after.to_dict() if gpu_after else None,
         duration_s=time.perf_counter() - start,
         **common,
     )

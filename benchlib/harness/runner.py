@@ -5,13 +5,14 @@ folder exists; write ``run.json``; build each model once with its dense baseline
 run every cell (a baseline and its variants back to back) and append its record to
 ``results.jsonl`` at once; write ``summary.json``.
 A failing cell is recorded and the run goes on; Ctrl-C stops after writing the summary of
-what finished, and the result says it was interrupted.
+what finished, and the result says it was interrupted. ``resume_run`` finishes such a run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import time
 import traceback
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from benchlib.errors import BenchError, ConfigError
 from benchlib.harness.cell import run_cell
 from benchlib.harness.environment import apply_threads, fingerprint
 from benchlib.harness.timing import Clock
+from benchlib.harness.worker import CellJob, run_in_worker
 from benchlib.loading import load_model
 from benchlib.models import Model
 from benchlib.pruning import Variant, prune
@@ -38,9 +40,12 @@ from benchlib.results import (
     CellRecord,
     Status,
     append_record,
+    latest_records,
+    read_records,
+    repair_tail,
     write_json,
 )
-from benchlib.suite import Suite
+from benchlib.suite import Suite, suite_from_dict
 from benchlib.target import Selection, TargetRegistry
 
 
@@ -133,104 +138,166 @@ def run_suite(
     registry: TargetRegistry,
     out_root: Path = Path("reports"),
     observer: Observer | None = None,
+    isolate: bool = True,
     clock: Clock = time.perf_counter_ns,
 ) -> RunResult:
     """Run every cell of ``suite`` (or of an already made ``plan``) into a new run folder.
 
     Bad input raises (ConfigError and friends) before the run folder exists. Afterwards no
     cell can end the run: failures are records. Ctrl-C stops it with ``interrupted=True``.
+    ``isolate`` runs each cell in a freshly spawned worker (DESIGN section 6; ``clock`` is then
+    the worker's own); ``isolate=False`` runs cells in this process, for tests and debugging.
     """
-    observer = observer or _Silent()
     planned = suite if isinstance(suite, Plan) else plan(suite, registry)
     directory = new_run_dir(out_root, planned.suite.name, dt.datetime.now())
-    previous_threads = torch.get_num_threads()
-    try:
-        return _run(planned, directory, registry, observer, clock)
-    finally:  # the caller's process is left as it was
-        torch.set_num_threads(previous_threads)
+    session = _Session(planned, registry, observer or _Silent(), isolate, clock, frozenset())
+    return session.run(directory, new=True)
 
 
-def _run(
-    planned: Plan, directory: Path, registry: TargetRegistry, observer: Observer, clock: Clock
-) -> RunResult:
-    suite, selection = planned.suite, planned.selection
-    threads = apply_threads(suite.threads)
-    write_json(
-        directory / RUN_FILE,
-        {
-            "schema_version": SCHEMA_VERSION,
-            "suite": {**asdict(suite), "timing": asdict(suite.timing)},
-            "targets": list(selection.targets),
-            "skipped_targets": dict(selection.skipped),
-            "planned_cells": planned.total_cells,
-            "started_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-            "environment": fingerprint(threads),
-        },
-    )
-    observer.planned(planned.total_cells)
-    records: list[CellRecord] = []
-    interrupted = False
-    try:
-        for model in planned.models:
-            for record in _model_records(
-                suite, model, selection, registry, threads, observer, clock
-            ):
-                append_record(directory / RESULTS_FILE, record)
-                records.append(record)
-                observer.finished(record)
-    except KeyboardInterrupt:
-        interrupted = True
-    rows = tuple(summarize_records(records))
-    write_json(directory / SUMMARY_FILE, [row.to_dict() for row in rows])
-    return RunResult(directory, tuple(records), rows, selection, interrupted)
-
-
-def _model_records(
-    suite: Suite,
-    model: Model,
-    selection: Selection,
+def resume_run(
+    directory: Path,
+    *,
     registry: TargetRegistry,
-    threads: int,
-    observer: Observer,
-    clock: Clock,
-) -> Iterator[CellRecord]:
-    """Every cell of one model. All variants are built first, then for each target, batch
-    size and precision the dense baseline and its variants run back to back, so that drift
-    of the machine (heat, background load) does not fall between the two sides of a speedup.
-    A variant whose pruning fails has all its cells failed; the others go on."""
-    variants: dict[str, Variant | CellRecord] = {}
-    for spec in suite.variant_specs:
+    observer: Observer | None = None,
+    retry_failed: bool = False,
+    isolate: bool = True,
+    clock: Clock = time.perf_counter_ns,
+) -> RunResult:
+    """Finish an interrupted or killed run in place: cells already in ``results.jsonl`` are
+    skipped (failed ones are run again when ``retry_failed``), the rest are appended.
+
+    A torn last line (a run killed mid-write) is cut off first. Raises ConfigError when
+    ``directory`` is not a run folder.
+    """
+    try:
+        run = json.loads((directory / RUN_FILE).read_text(encoding="utf-8"))
+        suite = suite_from_dict(run["suite"], default_name=directory.name)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"cannot resume {str(directory)!r}: not a run folder ({exc})") from exc
+    repair_tail(directory / RESULTS_FILE)
+    done = frozenset(
+        r.key
+        for r in read_records(directory / RESULTS_FILE)
+        if not (retry_failed and r.status is Status.FAILED)
+    )
+    session = _Session(plan(suite, registry), registry, observer or _Silent(), isolate, clock, done)
+    return session.run(directory, new=False)
+
+
+@dataclass(frozen=True)
+class _Session:
+    """One pass over a plan's cells, skipping ``done``."""
+
+    planned: Plan
+    registry: TargetRegistry
+    observer: Observer
+    isolate: bool
+    clock: Clock
+    done: frozenset[CellKey]
+
+    def run(self, directory: Path, *, new: bool) -> RunResult:
+        previous_threads = torch.get_num_threads()
         try:
-            variants[spec] = prune(model, spec)
-        except Exception as exc:  # a pruner that crashes fails its cells, not the run
-            crashed = not isinstance(exc, BenchError)
-            variants[spec] = CellRecord(
-                key=CellKey(model=model.name, spec=spec, target="", batch_size=0, precision=""),
-                status=Status.FAILED,
-                reason=f"{'crashed: ' if crashed else ''}{type(exc).__name__}: {exc}",
-                traceback=traceback.format_exc() if crashed else "",
+            threads = apply_threads(self.planned.suite.threads)
+            if new:
+                self._write_run_file(directory, threads)
+            return self._cells(directory, threads)
+        finally:  # the caller's process is left as it was
+            torch.set_num_threads(previous_threads)
+
+    def _write_run_file(self, directory: Path, threads: int) -> None:
+        suite, selection = self.planned.suite, self.planned.selection
+        write_json(
+            directory / RUN_FILE,
+            {
+                "schema_version": SCHEMA_VERSION,
+                "suite": {**asdict(suite), "timing": asdict(suite.timing)},
+                "targets": list(selection.targets),
+                "skipped_targets": dict(selection.skipped),
+                "planned_cells": self.planned.total_cells,
+                "started_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+                "environment": fingerprint(threads),
+            },
+        )
+
+    def _cells(self, directory: Path, threads: int) -> RunResult:
+        self.observer.planned(self.planned.total_cells - len(self.done))
+        interrupted = False
+        try:
+            for model in self.planned.models:
+                for record in self._model_records(model, threads):
+                    append_record(directory / RESULTS_FILE, record)
+                    self.observer.finished(record)
+        except KeyboardInterrupt:
+            interrupted = True
+        records = latest_records(directory / RESULTS_FILE)
+        rows = tuple(summarize_records(records))
+        write_json(directory / SUMMARY_FILE, [row.to_dict() for row in rows])
+        return RunResult(directory, records, rows, self.planned.selection, interrupted)
+
+    def _model_records(self, model: Model, threads: int) -> Iterator[CellRecord]:
+        """Every cell of one model not yet done. For each target, batch size and precision the
+        dense baseline and its variants run back to back, so that drift of the machine (heat,
+        background load) does not fall between the two sides of a speedup. Variants are
+        pruned once, when first needed; one whose pruning fails fails all its cells."""
+        suite = self.planned.suite
+        variants: dict[str, Variant | CellRecord] = {}
+        for target in self.planned.selection.targets:
+            for batch_size in suite.batch_sizes:
+                for precision in suite.precisions:
+                    for spec in suite.variant_specs:
+                        key = CellKey(
+                            model=model.name,
+                            spec=spec,
+                            target=target,
+                            batch_size=batch_size,
+                            precision=precision,
+                        )
+                        if key in self.done:
+                            continue
+                        if spec not in variants:
+                            variants[spec] = _build(model, spec, threads)
+                        self.observer.started(key)
+                        yield self._measure(variants[spec], key, threads)
+
+    def _measure(self, built: Variant | CellRecord, key: CellKey, threads: int) -> CellRecord:
+        if isinstance(built, CellRecord):
+            return dataclasses.replace(built, key=key)
+        suite = self.planned.suite
+        if not self.isolate:
+            return run_cell(
+                built,
+                self.registry.get(key.target),
+                key,
+                timing=suite.timing,
                 threads=threads,
+                clock=self.clock,
             )
-    for target in selection.targets:
-        for batch_size in suite.batch_sizes:
-            for precision in suite.precisions:
-                for spec, built in variants.items():
-                    key = CellKey(
-                        model=model.name,
-                        spec=spec,
-                        target=target,
-                        batch_size=batch_size,
-                        precision=precision,
-                    )
-                    observer.started(key)
-                    if isinstance(built, CellRecord):
-                        yield dataclasses.replace(built, key=key)
-                        continue
-                    yield run_cell(
-                        built,
-                        registry.get(target),
-                        key,
-                        timing=suite.timing,
-                        threads=threads,
-                        clock=clock,
-                    )
+        job = CellJob(
+            key=key,
+            model_ref=built.model.name,
+            input_size=suite.input_size,
+            weights=suite.weights,
+            trust=suite.trust,
+            recipe=built.recipe.to_dict(),
+            targets=self.registry.references,
+            timing=suite.timing,
+            threads=suite.threads,
+            time_limit_s=suite.cell_timeout_s,
+        )
+        return run_in_worker(job)
+
+
+def _build(model: Model, spec: str, threads: int) -> Variant | CellRecord:
+    """The variant, or the failed record (key filled in later) when pruning fails."""
+    try:
+        return prune(model, spec)
+    except Exception as exc:  # a pruner that crashes fails its cells, not the run
+        crashed = not isinstance(exc, BenchError)
+        return CellRecord(
+            key=CellKey(model=model.name, spec=spec, target="", batch_size=0, precision=""),
+            status=Status.FAILED,
+            reason=f"{'crashed: ' if crashed else ''}{type(exc).__name__}: {exc}",
+            traceback=traceback.format_exc() if crashed else "",
+            threads=threads,
+        )

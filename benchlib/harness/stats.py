@@ -106,14 +106,32 @@ def summarize(
 CV_LIMIT = {"cpu": 0.10, "cuda": 0.02}
 """Largest coefficient of variation of a stable measurement, per device type (DESIGN 6)."""
 MIN_STABLE_SAMPLES = 5
+OUTLIER_SHARE_LIMIT = 0.05
 
 
-def verdict(summary: Summary, device_type: str) -> tuple[str, tuple[str, ...]]:
-    """``("valid", ())`` or ``("suspect", reasons)`` from the spread and count of samples."""
+def tukey_outliers(samples: Sequence[float]) -> int:
+    """How many samples lie outside Tukey's fences [Q1 - 1.5 IQR, Q3 + 1.5 IQR]."""
+    values = np.asarray(samples, dtype=np.float64)
+    q1, q3 = np.percentile(values, [25.0, 75.0])
+    low, high = q1 - 1.5 * (q3 - q1), q3 + 1.5 * (q3 - q1)
+    return int(((values < low) | (values > high)).sum())
+
+
+def verdict(
+    samples: Sequence[float], device_type: str, extra: Sequence[str] = ()
+) -> tuple[str, tuple[str, ...]]:
+    """``("valid", ())`` or ``("suspect", reasons)``: CV over the device's limit, fewer than
+    five samples, more than 5% Tukey outliers (and more than one), plus ``extra`` reasons found elsewhere (GPU
+    throttling, other processes on the GPU)."""
+    summary = summarize(samples, resamples=1)
     reasons = []
     limit = CV_LIMIT.get(device_type, CV_LIMIT["cpu"])
     if summary.cv > limit:
         reasons.append(f"CV {summary.cv:.1%} over {limit:.0%}")
     if summary.n < MIN_STABLE_SAMPLES:
         reasons.append(f"only {summary.n} samples")
+    outliers = tukey_outliers(samples)
+    if outliers > max(1.0, OUTLIER_SHARE_LIMIT * summary.n):  # one stray sample is allowed
+        reasons.append(f"{outliers} of {summary.n} samples are Tukey outliers")
+    reasons.extend(extra)
     return ("suspect" if reasons else "valid"), tuple(reasons)

@@ -7,7 +7,7 @@ One *sample* is the wall time of ``loops`` consecutive ``run()`` calls followed 
 ``synchronize()``, divided by ``loops``: seconds per inference. ``loops`` is calibrated from
 the warm-up so that a sample lasts at least ``min_sample_s``, far above the clock's resolution
 (the pyperf and ``torch.utils.benchmark`` approach); a call slower than that gets ``loops = 1``
-and so one sample per inference.
+and so one sample per inference. On CUDA, ``sample_cuda`` times samples with events instead.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from benchlib.errors import ConfigError
 from benchlib.target import Prepared
@@ -46,6 +48,7 @@ class TimingConfig:
     max_samples: int = 10_000
     max_time_s: float = 60.0
     min_sample_s: float = 1e-3
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         checks = {
@@ -64,7 +67,11 @@ class TimingConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class Timing:
-    """Raw result of ``measure``: per-inference samples in seconds, plus how they were taken."""
+    """Raw result of ``measure``: per-inference samples in seconds, plus how they were taken.
+
+    On CUDA the samples are device times from CUDA events and ``host_s`` is the host's
+    end-to-end time per inference over the whole sampling phase (enqueue to final sync).
+    """
 
     samples_s: tuple[float, ...]
     loops: int
@@ -72,6 +79,8 @@ class Timing:
     warmup_runs: int
     warmup_s: float
     total_s: float
+    clock: str = "host"
+    host_s: float | None = None
 
 
 def first_call(prepared: Prepared, clock: Clock = time.perf_counter_ns) -> tuple[Any, float]:
@@ -88,12 +97,16 @@ def measure(
     clock: Clock = time.perf_counter_ns,
     *,
     cold_s: float | None = None,
+    device: torch.device | None = None,
 ) -> Timing:
-    """Time ``prepared.run`` under ``config``; every sample ends with ``synchronize()``.
+    """Time ``prepared.run`` under ``config``.
 
-    ``cold_s`` is the first call when the caller already made it (with ``first_call``, to
-    verify its output); otherwise ``measure`` makes it. The garbage collector is collected
-    before and disabled during sampling (as timeit and pyperf do), then restored.
+    On the CPU every sample ends with ``synchronize()`` and is timed by ``clock``. On a CUDA
+    ``device`` samples are timed by CUDA events recorded on the current stream, with no
+    synchronize inside the timed loop (one at the end), optionally replaying a CUDA graph of
+    one call (``config.cuda_graphs``). ``cold_s`` is the first call when the caller already made
+    it (with ``first_call``, to verify its output); otherwise ``measure`` makes it. The garbage
+    collector is collected before and disabled during sampling (as timeit and pyperf do).
     """
     begin = clock()
     made_before = 0.0 if cold_s is None else cold_s
@@ -112,11 +125,16 @@ def measure(
     per_call_ns = warm_ns / warm_runs if warm_runs else cold_ns
     loops = max(1, math.ceil(config.min_sample_s * NS_PER_S / max(per_call_ns, 1)))
 
+    cuda = device if device is not None and device.type == "cuda" else None
     gc.collect()
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        samples = _sample(prepared, config, clock, loops)
+        if cuda is not None:
+            timed = graphed(prepared, cuda) if config.cuda_graphs else prepared
+            samples, host_s = sample_cuda(timed, config, clock, loops, cuda)
+        else:
+            samples, host_s = _sample(prepared, config, clock, loops), None
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -127,6 +145,10 @@ def measure(
         warmup_runs=warm_runs,
         warmup_s=warm_ns / NS_PER_S,
         total_s=(clock() - begin) / NS_PER_S + made_before,
+        clock="host"
+        if cuda is None
+        else "cuda events" + (" (graph)" if config.cuda_graphs else ""),
+        host_s=host_s,
     )
 
 
@@ -142,10 +164,59 @@ def _sample(
             prepared.run()
         prepared.synchronize()
         samples.append((clock() - t0) / loops / NS_PER_S)
-        elapsed_s = (clock() - sampling_start) / NS_PER_S
-        enough = len(samples) >= config.min_samples
-        if (enough and elapsed_s >= config.min_time_s) or len(samples) >= config.max_samples:
+        if stop(config, len(samples), (clock() - sampling_start) / NS_PER_S):
+            return tuple(samples)
+
+
+def stop(config: TimingConfig, samples: int, elapsed_s: float) -> bool:
+    """The stop rule: enough samples and time, or the caps."""
+    if samples >= config.max_samples:
+        return True
+    if samples >= config.min_samples and elapsed_s >= config.min_time_s:
+        return True
+    return elapsed_s >= config.max_time_s and samples >= MIN_SAMPLES_ALWAYS
+
+
+def sample_cuda(
+    prepared: Prepared, config: TimingConfig, clock: Clock, loops: int, device: torch.device
+) -> tuple[tuple[float, ...], float]:
+    """Device seconds per inference from event pairs around each sample, and the host's
+    end-to-end seconds per inference. The host clock drives the stop rule; the events are
+    read after the one final synchronize, so nothing in the loop waits for the device."""
+    stream = torch.cuda.current_stream(device)
+    events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+    sampling_start = clock()
+    while True:
+        start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        start.record(stream)
+        for _ in range(loops):
+            prepared.run()
+        end.record(stream)
+        events.append((start, end))
+        if stop(config, len(events), (clock() - sampling_start) / NS_PER_S):
             break
-        if elapsed_s >= config.max_time_s and len(samples) >= MIN_SAMPLES_ALWAYS:
-            break
-    return tuple(samples)
+    prepared.synchronize()
+    host_s = (clock() - sampling_start) / NS_PER_S / (len(events) * loops)
+    samples = tuple(start.elapsed_time(end) / 1e3 / loops for start, end in events)
+    return samples, host_s
+
+
+def graphed(prepared: Prepared, device: torch.device, warmups: int = 3) -> Prepared:
+    """``prepared`` with one call captured into a CUDA graph, replayed by ``run``.
+
+    Warm-up runs on a side stream first, as torch's CUDA-graph documentation asks."""
+    side = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            prepared.run()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        prepared.run()
+    return Prepared(
+        run=graph.replay,
+        synchronize=prepared.synchronize,
+        info={**prepared.info, "cuda_graph": True},
+    )
