@@ -67,11 +67,8 @@ def test_verdict_flags_spread_and_too_few_samples() -> None:
     assert verdict(steady, "cuda") == ("valid", ())
     noisy = [1.0, 1.3, 0.8, 1.0, 1.1]
     # std = sqrt(0.132 / 4) = 0.1817, mean 1.04: CV 17.5%
-    # Q1 = 1.0, Q3 = 1.1, fences 0.85 and 1.25: 1.3 and 0.8 are outliers too
-    assert verdict(noisy, "cpu") == (
-        "suspect",
-        ("CV 17.5% over 10%", "2 of 5 samples are Tukey outliers"),
-    )
+    # Q1 = 1.0, Q3 = 1.1, outer fences 0.7 and 1.4: nothing is far out
+    assert verdict(noisy, "cpu") == ("suspect", ("CV 17.5% over 10%",))
     assert verdict([1.0, 1.05, 1.0, 1.01, 0.99], "cuda")[0] == "suspect"
     assert verdict([1.0, 1.0], "cpu") == ("suspect", ("only 2 samples",))
     assert verdict(steady, "cpu", ("gpu throttled",)) == ("suspect", ("gpu throttled",))
@@ -80,10 +77,13 @@ def test_verdict_flags_spread_and_too_few_samples() -> None:
 def test_tukey_outliers() -> None:
     from benchlib.harness.stats import tukey_outliers, verdict
 
-    # Q1 = 1.0, Q3 = 1.0 for these: anything off 1.0 is outside the fences
-    samples = [1.0] * 18 + [1.0001, 1.05]
-    assert tukey_outliers(samples) == 2
-    assert verdict(samples, "cpu")[1] == ("2 of 20 samples are Tukey outliers",)
+    # Q1 = 1.0, Q3 = 1.0 for these: anything off 1.0 is outside both fences
+    samples = [1.0] * 16 + [1.0001, 1.05, 1.0002, 1.01]
+    assert tukey_outliers(samples) == 4
+    # Q1 1.15, Q3 1.45, IQR 0.3: 2.2 is past the inner fence 1.9, not the outer 2.35
+    assert tukey_outliers([1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 2.2], fence=1.5) == 1
+    assert tukey_outliers([1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 2.2]) == 0
+    assert verdict(samples, "cpu")[1] == ("4 of 20 samples are far-out outliers (Tukey)",)
 
 
 def test_bootstrap_interval_is_pinned_for_a_fixed_seed() -> None:
