@@ -17,7 +17,16 @@ import torch
 
 from benchlib.errors import ConfigError
 
-_VERSIONED = ("torch", "torchvision", "numpy", "onnxruntime", "tensorrt", "benchlib")
+_VERSIONED = (
+    "torch",
+    "torchvision",
+    "numpy",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "tensorrt",
+    "nvidia-ml-py",
+    "benchlib",
+)
 
 
 def default_threads() -> int:
@@ -75,6 +84,24 @@ def versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             found[name] = None
     return found
+
+
+def _gpu_facts(index: int) -> dict[str, Any]:
+    """Name and capability from torch, with NVML's driver, clocks, temperature and power."""
+    from benchlib.harness import gpu
+
+    device = torch.device("cuda", index)
+    major, minor = torch.cuda.get_device_capability(device)
+    facts: dict[str, Any] = {
+        "name": torch.cuda.get_device_name(device),
+        "compute_capability": f"{major}.{minor}",
+        "torch_cuda": torch.version.cuda,
+    }
+    nvml = gpu.nvml_index(device)
+    sampled = gpu.sample(nvml) if nvml is not None else None
+    if sampled is not None:
+        facts["nvml"] = sampled.to_dict()
+    return facts
 
 
 def fingerprint(threads: int) -> dict[str, Any]:
