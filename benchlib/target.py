@@ -71,11 +71,15 @@ class Prepared:
         synchronize: block until all work queued by ``run`` has finished.
         info: facts about the build for the report (engine version, kernels, whether a sparse
             kernel ran, build time in seconds). Values must be JSON-serializable.
+        rebind: when the target can, replaces the bound inputs with others of the same shape
+            and dtype (as ``prepare`` received them: fp32, on the CPU); the harness uses it to
+            rotate input buffers so that no input stays cache-resident across samples.
     """
 
     run: Callable[[], Any]
     synchronize: Callable[[], None]
     info: Mapping[str, Any] = field(default_factory=dict)
+    rebind: Callable[[tuple[torch.Tensor, ...]], None] | None = None
 
 
 @runtime_checkable

@@ -45,3 +45,24 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
     if device.type == "cuda":
         return lambda: torch.cuda.synchronize(device)
     return lambda: None
+
+
+class BoundInputs:
+    """The inputs a prepared model runs on, replaceable between calls (``Prepared.rebind``).
+
+    New inputs are moved and cast once, when bound, so ``run`` stays free of copies.
+    """
+
+    def __init__(
+        self, inputs: tuple[torch.Tensor, ...], device: torch.device, precision: Precision
+    ) -> None:
+        self.device, self.precision = device, precision
+        self.tensors = inputs
+
+    def rebind(self, inputs: tuple[torch.Tensor, ...]) -> None:
+        self.tensors = tuple(
+            x.to(device=self.device, dtype=self.precision.dtype)
+            if x.is_floating_point()
+            else x.to(self.device)
+            for x in inputs
+        )

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from benchlib.target import DeviceKind, Precision, Prepared
-from targets._common import cuda_unavailable_reason, place, synchronizer
+from targets._common import BoundInputs, cuda_unavailable_reason, place, synchronizer
 
 
 class TorchEager:
@@ -30,14 +30,16 @@ class TorchEager:
         precision: Precision,
     ) -> Prepared:
         placed, bound = place(model, inputs, device, precision)
+        current = BoundInputs(bound, device, precision)
 
         def run() -> Any:
             with torch.inference_mode():
-                return placed(*bound)
+                return placed(*current.tensors)
 
         return Prepared(
             run=run,
             synchronize=synchronizer(device),
+            rebind=current.rebind,
             info={"engine": f"torch {torch.__version__}", "mode": "eager"},
         )
 

@@ -16,7 +16,7 @@ from torch.jit._trace import TracerWarning
 
 from benchlib.errors import ExportError
 from benchlib.target import DeviceKind, Precision, Prepared
-from targets._common import cuda_unavailable_reason, place, synchronizer
+from targets._common import BoundInputs, cuda_unavailable_reason, place, synchronizer
 
 
 class TorchScript:
@@ -38,6 +38,7 @@ class TorchScript:
         precision: Precision,
     ) -> Prepared:
         placed, bound = place(model, inputs, device, precision)
+        current = BoundInputs(bound, device, precision)
         start = time.perf_counter()
         # Tracer warnings (data-dependent control flow) are recorded, not raised: the
         # correctness gate that follows catches a trace that does not match eager. The
@@ -58,11 +59,12 @@ class TorchScript:
 
         def run() -> Any:
             with torch.inference_mode():
-                return scripted(*bound)
+                return scripted(*current.tensors)
 
         return Prepared(
             run=run,
             synchronize=synchronizer(device),
+            rebind=current.rebind,
             info={
                 "engine": f"torch {torch.__version__} (TorchScript)",
                 "build_s": build_s,

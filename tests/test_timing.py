@@ -5,10 +5,12 @@ from __future__ import annotations
 import gc
 
 import pytest
+import torch
 
 from benchlib.errors import ConfigError
 from benchlib.harness.stats import summarize
 from benchlib.harness.timing import TimingConfig, measure
+from benchlib.target import Prepared
 from tests.fakes import FakeClock, timed_prepared
 
 
@@ -109,3 +111,25 @@ def test_garbage_collector_is_restored() -> None:
 def test_more_bad_timing_configs(field: str, value: float) -> None:
     with pytest.raises(ConfigError, match=field):
         TimingConfig(**{field: value})
+
+
+def test_input_sets_rotate_one_per_sample() -> None:
+    clock = FakeClock()
+    bound: list[float] = []
+    base = timed_prepared(clock, lambda n: 0.01)
+
+    def rebind(inputs: tuple[torch.Tensor, ...]) -> None:
+        bound.append(float(inputs[0]))
+
+    prepared = Prepared(run=base.run, synchronize=base.synchronize, rebind=rebind)
+    pool = [(torch.tensor(float(k)),) for k in range(3)]
+    cfg = TimingConfig(
+        warmup_runs=0,
+        warmup_s=0.0,
+        min_samples=5,
+        min_time_s=0.0,
+        min_sample_s=0.0,
+        rotate_inputs=3,
+    )
+    measure(prepared, cfg, clock, input_pool=pool)
+    assert bound == [0.0, 1.0, 2.0, 0.0, 1.0]

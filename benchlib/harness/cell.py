@@ -87,7 +87,15 @@ def run_cell(
         prepared = target.prepare(variant.module, inputs, device, precision)
         output, cold_s = first_call(prepared, clock)
         error = verify(output, expected, precision)
-        measured = measure(prepared, timing, clock, cold_s=cold_s, device=device)
+        pool = [
+            (
+                variant.model.example_input(
+                    key.batch_size, seed=INPUT_SEED + k, device=device, dtype=precision.dtype
+                ),
+            )
+            for k in range(timing.rotate_inputs if prepared.rebind is not None else 0)
+        ]
+        measured = measure(prepared, timing, clock, cold_s=cold_s, device=device, input_pool=pool)
         memory = memory_pass(
             prepared.run, prepared.synchronize, device, rss_idle_bytes=idle_rss_bytes
         )

@@ -15,7 +15,7 @@ from __future__ import annotations
 import gc
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,8 @@ class TimingConfig:
     stops once both ``min_samples`` samples and ``min_time_s`` seconds are reached, or at
     ``max_samples`` samples, or at ``max_time_s`` seconds even short of ``min_samples`` (for
     very slow calls; at least two samples are always taken, and the verdict flags the cell).
+    ``rotate_inputs`` > 1 cycles the samples through that many input sets (trtexec's rotating
+    buffers) where the target can rebind its inputs; ``cuda_graphs`` replays a captured graph.
     """
 
     warmup_runs: int = 3
@@ -49,6 +51,7 @@ class TimingConfig:
     max_time_s: float = 60.0
     min_sample_s: float = 1e-3
     cuda_graphs: bool = False
+    rotate_inputs: int = 1
 
     def __post_init__(self) -> None:
         checks = {
@@ -59,6 +62,7 @@ class TimingConfig:
             "max_samples": self.max_samples >= self.min_samples,
             "max_time_s": self.max_time_s >= self.min_time_s,
             "min_sample_s": self.min_sample_s >= 0,
+            "rotate_inputs": self.rotate_inputs >= 1,
         }
         for name, ok in checks.items():
             if not ok:
@@ -98,6 +102,7 @@ def measure(
     *,
     cold_s: float | None = None,
     device: torch.device | None = None,
+    input_pool: Sequence[tuple[torch.Tensor, ...]] = (),
 ) -> Timing:
     """Time ``prepared.run`` under ``config``.
 
@@ -107,6 +112,8 @@ def measure(
     one call (``config.cuda_graphs``). ``cold_s`` is the first call when the caller already made
     it (with ``first_call``, to verify its output); otherwise ``measure`` makes it. The garbage
     collector is collected before and disabled during sampling (as timeit and pyperf do).
+    ``input_pool``: input sets to rotate through, one per sample, bound with
+    ``prepared.rebind`` before the sample's clock starts (ignored when the target cannot).
     """
     begin = clock()
     made_before = 0.0 if cold_s is None else cold_s
@@ -126,15 +133,17 @@ def measure(
     loops = max(1, math.ceil(config.min_sample_s * NS_PER_S / max(per_call_ns, 1)))
 
     cuda = device if device is not None and device.type == "cuda" else None
+    # A CUDA graph replays the buffers it captured: rebinding would change nothing.
+    rotate = _rotation(prepared, () if cuda is not None and config.cuda_graphs else input_pool)
     gc.collect()
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
         if cuda is not None:
             timed = graphed(prepared, cuda) if config.cuda_graphs else prepared
-            samples, host_s = sample_cuda(timed, config, clock, loops, cuda)
+            samples, host_s = sample_cuda(timed, config, clock, loops, cuda, rotate)
         else:
-            samples, host_s = _sample(prepared, config, clock, loops), None
+            samples, host_s = _sample(prepared, config, clock, loops, rotate), None
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -152,13 +161,28 @@ def measure(
     )
 
 
+def _rotation(
+    prepared: Prepared, pool: Sequence[tuple[torch.Tensor, ...]]
+) -> Callable[[int], None]:
+    """A function that binds input set ``i mod len(pool)`` (a no-op without a pool)."""
+    rebind = prepared.rebind
+    if rebind is None or len(pool) < 2:
+        return lambda i: None
+    return lambda i: rebind(pool[i % len(pool)])
+
+
 def _sample(
-    prepared: Prepared, config: TimingConfig, clock: Clock, loops: int
+    prepared: Prepared,
+    config: TimingConfig,
+    clock: Clock,
+    loops: int,
+    rotate: Callable[[int], None],
 ) -> tuple[float, ...]:
     """The timed loop: seconds per inference, one value per sample, until the stop rule."""
     samples: list[float] = []
     sampling_start = clock()
     while True:
+        rotate(len(samples))
         t0 = clock()
         for _ in range(loops):
             prepared.run()
@@ -178,7 +202,12 @@ def stop(config: TimingConfig, samples: int, elapsed_s: float) -> bool:
 
 
 def sample_cuda(
-    prepared: Prepared, config: TimingConfig, clock: Clock, loops: int, device: torch.device
+    prepared: Prepared,
+    config: TimingConfig,
+    clock: Clock,
+    loops: int,
+    device: torch.device,
+    rotate: Callable[[int], None],
 ) -> tuple[tuple[float, ...], float]:
     """Device seconds per inference from event pairs around each sample, and the host's
     end-to-end seconds per inference. The host clock drives the stop rule; the events are
@@ -187,6 +216,7 @@ def sample_cuda(
     events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
     sampling_start = clock()
     while True:
+        rotate(len(events))
         start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
         end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
         start.record(stream)
