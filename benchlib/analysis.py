@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from benchlib.harness.gpu import GpuSample, gpu_verdict_reasons
-from benchlib.harness.stats import summarize, verdict
-from benchlib.results import CellRecord, Status
+from benchlib.harness.stats import Summary, summarize, verdict
+from benchlib.results import CellKey, CellRecord, Status
 
 DENSE = "dense"
 
@@ -84,68 +84,110 @@ def gpu_reasons(record: CellRecord) -> tuple[str, ...]:
     )
 
 
+DRIFT_LIMIT = {"cpu": 0.05, "cuda": 0.02}
+"""Largest relative move of the dense baseline between the start and the end of its group."""
+
+Group = tuple[str, str, int, str]
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The dense cells of one group (model, target, batch size, precision): the one measured
+    before the variants and, when there are variants, the one measured after them."""
+
+    first: CellRecord
+    samples: tuple[float, ...]
+    drift: float | None
+
+    def reasons(self) -> tuple[str, ...]:
+        limit = DRIFT_LIMIT.get(self.first.device.split(":")[0], DRIFT_LIMIT["cpu"])
+        if self.drift is None or self.drift <= limit:
+            return ()
+        return (f"dense baseline moved {self.drift:.0%} while this group ran (machine drift)",)
+
+
+def group_of(key: CellKey) -> Group:
+    return (key.model, key.target, key.batch_size, key.precision)
+
+
+def baselines(records: Iterable[CellRecord]) -> dict[Group, Baseline]:
+    """Per group, the dense samples pooled from its opening and closing measurement, and the
+    relative difference of their medians (the drift of the machine over the group)."""
+    dense: dict[Group, list[CellRecord]] = {}
+    for record in records:
+        if record.key.spec == DENSE:
+            dense.setdefault(group_of(record.key), []).append(record)
+    found = {}
+    for group, runs in dense.items():
+        runs.sort(key=lambda r: r.key.repeat)
+        measured = [r for r in runs if r.status is Status.OK and r.samples_s]
+        medians = [summarize(r.samples_s, resamples=1).median for r in measured]
+        drift = max(medians) / min(medians) - 1.0 if len(medians) > 1 else None
+        pooled = tuple(x for r in measured for x in r.samples_s)
+        found[group] = Baseline(first=runs[0], samples=pooled, drift=drift)
+    return found
+
+
 def summarize_records(records: Iterable[CellRecord]) -> list[Row]:
-    """Rows for every record, speedups taken against the matching dense record."""
+    """One row per cell (the closing dense measurement folds into the dense row), speedups
+    taken against the group's dense baseline: its opening and closing samples pooled, so that
+    a linear drift of the machine cancels; a larger drift makes the whole group suspect."""
     records = list(records)
-    medians = {
-        r.key: summarize(r.samples_s) for r in records if r.status is Status.OK and r.samples_s
-    }
-    dense = {
-        (r.key.model, r.key.target, r.key.batch_size, r.key.precision): r
-        for r in records
-        if r.key.spec == DENSE
-    }
+    bases = baselines(records)
     rows = []
     for record in records:
-        key, counts = record.key, record.flops
-        stats = medians.get(key)
-        base = dense.get((key.model, key.target, key.batch_size, key.precision))
-        base_stats = medians.get(base.key) if base is not None else None
-        theoretical = _ratio(base.flops.get("macs") if base else None, counts.get("nonzero_macs"))
-        measured = _ratio(
-            base_stats.median if base_stats else None, stats.median if stats else None
-        )
-        judged = (
-            verdict(record.samples_s, record.device.split(":")[0], gpu_reasons(record))
-            if stats
-            else ("", ())
-        )
-        flags = []
-        if theoretical is not None and measured is not None and measured > theoretical * 1.0001:
-            flags.append("T>F: cache or step effect")
-        rows.append(
-            Row(
-                model=key.model,
-                spec=key.spec,
-                target=key.target,
-                batch_size=key.batch_size,
-                precision=key.precision,
-                status=record.status.value,
-                reason=record.reason,
-                macs=counts.get("macs"),
-                nonzero_macs=counts.get("nonzero_macs"),
-                params=counts.get("params"),
-                nonzero_params=counts.get("nonzero_params"),
-                median_s=stats.median if stats else None,
-                ci_low_s=stats.ci_low if stats else None,
-                ci_high_s=stats.ci_high if stats else None,
-                cv=stats.cv if stats else None,
-                samples=stats.n if stats else 0,
-                throughput_per_s=key.batch_size / stats.median if stats else None,
-                speedup_theoretical=theoretical,
-                speedup_theoretical_pruned=_ratio(
-                    counts.get("pruned_macs") or None, counts.get("pruned_nonzero_macs")
-                ),
-                speedup_measured=measured,
-                realization=(
-                    realization(theoretical, measured)
-                    if theoretical is not None and measured is not None and key.spec != DENSE
-                    else None
-                ),
-                flags=tuple(flags),
-                verdict=judged[0],
-                verdict_reasons=judged[1],
-                loops=record.loops,
-            )
-        )
+        key = record.key
+        if key.repeat:
+            continue
+        base = bases.get(group_of(key))
+        samples = base.samples if key.spec == DENSE and base else record.samples_s
+        stats = summarize(samples) if record.status is Status.OK and samples else None
+        base_stats = summarize(base.samples, resamples=1) if base and base.samples else None
+        rows.append(_row(record, stats, base, base_stats))
     return rows
+
+
+def _row(
+    record: CellRecord, stats: Summary | None, base: Baseline | None, base_stats: Summary | None
+) -> Row:
+    key, counts = record.key, record.flops
+    theoretical = _ratio(base.first.flops.get("macs") if base else None, counts.get("nonzero_macs"))
+    measured = _ratio(base_stats.median if base_stats else None, stats.median if stats else None)
+    extra = gpu_reasons(record) + (base.reasons() if base else ())
+    judged = verdict(record.samples_s, record.device.split(":")[0], extra) if stats else ("", ())
+    flags = []
+    if theoretical is not None and measured is not None and measured > theoretical * 1.0001:
+        flags.append("T>F: cache or step effect")
+    return Row(
+        model=key.model,
+        spec=key.spec,
+        target=key.target,
+        batch_size=key.batch_size,
+        precision=key.precision,
+        status=record.status.value,
+        reason=record.reason,
+        macs=counts.get("macs"),
+        nonzero_macs=counts.get("nonzero_macs"),
+        params=counts.get("params"),
+        nonzero_params=counts.get("nonzero_params"),
+        median_s=stats.median if stats else None,
+        ci_low_s=stats.ci_low if stats else None,
+        ci_high_s=stats.ci_high if stats else None,
+        cv=stats.cv if stats else None,
+        samples=stats.n if stats else 0,
+        throughput_per_s=key.batch_size / stats.median if stats else None,
+        speedup_theoretical=theoretical,
+        speedup_theoretical_pruned=_ratio(
+            counts.get("pruned_macs") or None, counts.get("pruned_nonzero_macs")
+        ),
+        speedup_measured=measured,
+        realization=(
+            realization(theoretical, measured)
+            if theoretical is not None and measured is not None and key.spec != DENSE
+            else None
+        ),
+        flags=tuple(flags),
+        verdict=judged[0],
+        verdict_reasons=judged[1],
+        loops=record.loops,
+    )

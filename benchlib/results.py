@@ -37,16 +37,22 @@ class Status(str, enum.Enum):
 
 @dataclass(frozen=True, kw_only=True)
 class CellKey:
-    """The identity of a cell: (variant, target, batch size, precision) of one model."""
+    """The identity of a cell: (variant, target, batch size, precision) of one model.
+
+    ``repeat`` tells apart measurements of the same cell: the dense baseline is measured
+    again (``repeat=1``) after its variants, to see how far the machine drifted meanwhile.
+    """
 
     model: str
     spec: str
     target: str
     batch_size: int
     precision: str
+    repeat: int = 0
 
     def label(self) -> str:
-        return f"{self.model} {self.spec} {self.target} bs{self.batch_size} {self.precision}"
+        again = " (again)" if self.repeat else ""
+        return f"{self.model} {self.spec}{again} {self.target} bs{self.batch_size} {self.precision}"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -66,3 +66,25 @@ def test_failed_baseline_leaves_speedups_empty() -> None:
     rows = summarize_records([failed, record("magnitude:0.5", 0.004, 500)])
     assert rows[1].speedup_measured is None and rows[1].realization is None
     assert rows[0].median_s is None and rows[0].samples == 0
+
+
+def test_closing_baseline_is_pooled_and_drift_makes_the_group_suspect() -> None:
+    def dense(median: float, repeat: int) -> CellRecord:
+        base = record("dense", median, 1000)
+        return CellRecord(
+            **{**base.__dict__, "key": CellKey(**{**base.key.__dict__, "repeat": repeat})}
+        )
+
+    steady = summarize_records(
+        [dense(0.010, 0), record("magnitude:0.9", 0.010, 280), dense(0.0102, 1)]
+    )
+    assert len(steady) == 2
+    assert steady[0].samples == 10 and steady[0].verdict == "valid"
+    assert steady[1].speedup_measured == pytest.approx(1.01)  # pooled median 0.0101
+    drifted = summarize_records(
+        [dense(0.010, 0), record("magnitude:0.9", 0.010, 280), dense(0.012, 1)]
+    )
+    assert all(row.verdict == "suspect" for row in drifted)
+    assert drifted[1].verdict_reasons == (
+        "dense baseline moved 20% while this group ran (machine drift)",
+    )

@@ -48,19 +48,22 @@ REGISTRY = TargetRegistry({"fake-eager": EagerCopyTarget, "fake-gpu": FakeGpuTar
 def test_every_cell_is_recorded_with_its_dense_baseline(tmp_path: Path) -> None:
     result = run_suite(suite(), registry=REGISTRY, out_root=tmp_path, isolate=False)
     records = list(read_records(result.directory / RESULTS_FILE))
-    # baseline and variant back to back, batch size by batch size
-    assert [(r.key.spec, r.key.batch_size) for r in records] == [
-        ("dense", 1),
-        ("magnitude:0.5", 1),
-        ("dense", 2),
-        ("magnitude:0.5", 2),
+    # baseline, variant and baseline again back to back, batch size by batch size
+    assert [(r.key.spec, r.key.batch_size, r.key.repeat) for r in records] == [
+        ("dense", 1, 0),
+        ("magnitude:0.5", 1, 0),
+        ("dense", 1, 1),
+        ("dense", 2, 0),
+        ("magnitude:0.5", 2, 0),
+        ("dense", 2, 1),
     ]
     assert all(r.status is Status.OK and len(r.samples_s) >= 3 for r in records)
     assert records == list(result.records)
     run = json.loads((result.directory / RUN_FILE).read_text())
-    assert run["targets"] == ["fake-eager"] and run["planned_cells"] == 4
+    assert run["targets"] == ["fake-eager"] and run["planned_cells"] == 6
     assert run["environment"]["cpu"]["threads"] >= 1
     summary = json.loads((result.directory / SUMMARY_FILE).read_text())
+    assert len(summary) == 4  # the closing baseline folds into the dense row
     pruned = [row for row in summary if row["spec"] == "magnitude:0.5"]
     assert all(row["speedup_theoretical"] > 1.0 for row in pruned)
     assert all(row["speedup_measured"] is not None for row in pruned)
@@ -101,7 +104,7 @@ def test_failing_cells_are_recorded_and_the_run_goes_on(tmp_path: Path) -> None:
     assert wrong.status is Status.FAILED
     assert wrong.reason.startswith("VerificationError: outputs differ from eager fp32 by 0.1")
     assert by_target[("fake-eager", "magnitude:0.5")].status is Status.OK
-    assert len(result.records) == 6
+    assert len(result.records) == 9  # 3 targets x (dense, variant, dense again)
 
 
 def test_unsupported_precision_is_a_skipped_cell(tmp_path: Path) -> None:
@@ -155,7 +158,7 @@ def test_a_pruning_failure_fails_only_that_variant(tmp_path: Path) -> None:
         out_root=tmp_path,
         isolate=False,
     )
-    dense, pruned = result.records
+    dense, pruned, _ = result.records
     assert dense.status is Status.OK
     assert pruned.status is Status.FAILED
     assert pruned.reason == "PruningError: the model has no conv or linear layer to prune"

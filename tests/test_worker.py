@@ -92,11 +92,13 @@ def test_a_run_killed_with_sigkill_resumes_with_every_cell_once(tmp_path: Path) 
     )
     assert not result.interrupted
     stored = list(read_records(run_dir / RESULTS_FILE))
-    keys = [(r.key.spec, r.key.batch_size) for r in stored]
+    keys = [(r.key.spec, r.key.batch_size, r.key.repeat) for r in stored]
     assert sorted(keys) == sorted(
-        [("dense", 1), ("dense", 2), ("magnitude:0.5", 1), ("magnitude:0.5", 2)]
+        (spec, bs, repeat)
+        for bs in (1, 2)
+        for spec, repeat in (("dense", 0), ("magnitude:0.5", 0), ("dense", 1))
     )
-    assert len(set(keys)) == len(keys) == 4
+    assert len(set(keys)) == len(keys) == 6
     assert all(r.status is Status.OK for r in stored)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert len(summary) == 4

@@ -22,7 +22,7 @@ from typing import Protocol
 
 import torch
 
-from benchlib.analysis import Row, summarize_records
+from benchlib.analysis import DENSE, Row, summarize_records
 from benchlib.errors import BenchError, ConfigError
 from benchlib.harness.cell import run_cell
 from benchlib.harness.environment import apply_threads, fingerprint
@@ -112,7 +112,7 @@ class Plan:
         suite = self.suite
         return (
             len(self.models)
-            * len(suite.variant_specs)
+            * len(measurement_order(suite))
             * len(self.selection.targets)
             * len(suite.batch_sizes)
             * len(suite.precisions)
@@ -245,13 +245,14 @@ class _Session:
         for target in self.planned.selection.targets:
             for batch_size in suite.batch_sizes:
                 for precision in suite.precisions:
-                    for spec in suite.variant_specs:
+                    for spec, repeat in measurement_order(suite):
                         key = CellKey(
                             model=model.name,
                             spec=spec,
                             target=target,
                             batch_size=batch_size,
                             precision=precision,
+                            repeat=repeat,
                         )
                         if key in self.done:
                             continue
@@ -286,6 +287,13 @@ class _Session:
             time_limit_s=suite.cell_timeout_s,
         )
         return run_in_worker(job)
+
+
+def measurement_order(suite: Suite) -> list[tuple[str, int]]:
+    """(spec, repeat) in the order a group is measured: dense, the variants, and dense again
+    when there are variants (an A-B-A design: the second dense run shows the drift)."""
+    specs = [(spec, 0) for spec in suite.variant_specs]
+    return [*specs, (DENSE, 1)] if len(specs) > 1 else specs
 
 
 def _build(model: Model, spec: str, threads: int) -> Variant | CellRecord:

@@ -25,7 +25,8 @@ LEGEND = (
     "its bootstrap 95% CI. T = dense median / variant median on the same target and batch "
     "size (measured speedup). eta = (1 - 1/T) / (1 - 1/F): the share of the theoretical "
     "saving that became real. ! marks T > F (a cache or step effect); ~ marks a suspect "
-    "measurement (CV over 10% on CPU, 2% on GPU, or under 5 samples: rerun on a quiet machine)."
+    "measurement (CV over 10% on CPU, 2% on GPU, under 5 samples, far-out outliers, or the "
+    "baseline drifting while its group ran: rerun on a quiet machine)."
 )
 
 
