@@ -19,8 +19,8 @@ from typing import Any
 from benchlib.errors import ConfigError
 
 SCHEMA_VERSION = 1
-"""History: 1 - first version (clock, host_s, memory, gpu_before and gpu_after were added
-with defaults, so every version-1 file still loads)."""
+"""History: 1 - first version (prepare_s, clock, host_s, memory, gpu_before, gpu_after and
+the key's repeat were added with defaults, so every version-1 file still loads)."""
 
 RESULTS_FILE = "results.jsonl"
 RUN_FILE = "run.json"
@@ -61,8 +61,9 @@ class CellRecord:
 
     ``flops`` holds per-image counts of the variant: macs, nonzero_macs, params,
     nonzero_params, and pruned_macs / pruned_nonzero_macs over the layers the spec touched.
-    ``clock`` says what timed the samples ("host", "cuda events"); ``host_s`` is the host's
-    end-to-end seconds per inference on CUDA. ``memory`` comes from a pass apart from timing
+    ``prepare_s`` is the target's build time (export, trace, compile), ``cold_s`` the first
+    call; neither is in the samples. ``clock`` says what timed the samples ("host", "cuda
+    events"); ``host_s`` is the host's end-to-end seconds per inference on CUDA. ``memory`` comes from a pass apart from timing
     (``benchlib.harness.memory``); ``gpu_before`` / ``gpu_after`` are NVML samples.
     """
 
@@ -74,6 +75,7 @@ class CellRecord:
     samples_s: tuple[float, ...] = ()
     loops: int = 0
     cold_s: float | None = None
+    prepare_s: float | None = None
     warmup_runs: int = 0
     max_error: float | None = None
     threads: int | None = None

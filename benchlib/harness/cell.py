@@ -57,7 +57,8 @@ def run_cell(
 ) -> CellRecord:
     """Measure one cell and return its record (ok, failed or skipped).
 
-    Order: prepare; the first call, timed as the cold call and verified against eager fp32;
+    Order: prepare (timed: the build/export/compile time); the first call, timed as the cold
+    call and verified against eager fp32;
     warm-up and timing; then a separate memory pass (``idle_rss_bytes`` is the worker's RSS
     before it built anything). On CUDA, NVML is sampled before and after.
     """
@@ -84,7 +85,9 @@ def run_cell(
             expected = variant.module(*inputs)
         nvml = gpu.nvml_index(device) if device.type == "cuda" else None
         gpu_before = gpu.sample(nvml) if nvml is not None else None
+        prepare_start = clock()
         prepared = target.prepare(variant.module, inputs, device, precision)
+        prepare_s = (clock() - prepare_start) / 1e9
         output, cold_s = first_call(prepared, clock)
         error = verify(output, expected, precision)
         pool = [
@@ -123,6 +126,7 @@ def run_cell(
         warmup_runs=measured.warmup_runs,
         max_error=error,
         info=dict(prepared.info),
+        prepare_s=prepare_s,
         clock=measured.clock,
         host_s=measured.host_s,
         memory=memory.to_dict(),
