@@ -63,8 +63,9 @@ class CellRecord:
     nonzero_params, and pruned_macs / pruned_nonzero_macs over the layers the spec touched.
     ``prepare_s`` is the target's build time (export, trace, compile), ``cold_s`` the first
     call; neither is in the samples. ``clock`` says what timed the samples ("host", "cuda
-    events"); ``host_s`` is the host's end-to-end seconds per inference on CUDA. ``memory`` comes from a pass apart from timing
-    (``benchlib.harness.memory``); ``gpu_before`` / ``gpu_after`` are NVML samples.
+    events"); ``host_s`` is the host's end-to-end seconds per inference on CUDA. ``memory``
+    comes from a pass apart from timing (``benchlib.harness.memory``); ``gpu_before`` and
+    ``gpu_after`` are NVML samples.
     """
 
     key: CellKey
