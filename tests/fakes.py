@@ -11,6 +11,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from benchlib.harness.timing import TimingConfig
+from benchlib.suite import Suite
 from benchlib.target import DeviceKind, Precision, Prepared
 
 
@@ -42,7 +44,8 @@ def timed_prepared(
 
 
 class EagerCopyTarget:
-    """A CPU target that runs the model eagerly: the simplest correct target."""
+    """A CPU target that runs the model eagerly: the simplest correct target. Subclasses
+    change what ``runner`` returns (or does) to play the targets that go wrong."""
 
     name: ClassVar[str] = "fake-eager"
     device_kind: ClassVar[DeviceKind] = DeviceKind.CPU
@@ -59,11 +62,14 @@ class EagerCopyTarget:
         device: torch.device,
         precision: Precision,
     ) -> Prepared:
+        return Prepared(run=self.runner(model, inputs), synchronize=lambda: None)
+
+    def runner(self, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Callable[[], Any]:
         def run() -> Any:
             with torch.no_grad():
                 return model(*inputs)
 
-        return Prepared(run=run, synchronize=lambda: None)
+        return run
 
 
 class WrongOutputTarget(EagerCopyTarget):
@@ -71,18 +77,9 @@ class WrongOutputTarget(EagerCopyTarget):
 
     name: ClassVar[str] = "fake-wrong"
 
-    def prepare(
-        self,
-        model: nn.Module,
-        inputs: tuple[torch.Tensor, ...],
-        device: torch.device,
-        precision: Precision,
-    ) -> Prepared:
-        def run() -> Any:
-            with torch.no_grad():
-                return model(*inputs) * 1.1
-
-        return Prepared(run=run, synchronize=lambda: None)
+    def runner(self, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Callable[[], Any]:
+        eager = super().runner(model, inputs)
+        return lambda: eager() * 1.1
 
 
 class CrashingTarget(EagerCopyTarget):
@@ -90,13 +87,7 @@ class CrashingTarget(EagerCopyTarget):
 
     name: ClassVar[str] = "fake-crash"
 
-    def prepare(
-        self,
-        model: nn.Module,
-        inputs: tuple[torch.Tensor, ...],
-        device: torch.device,
-        precision: Precision,
-    ) -> Prepared:
+    def runner(self, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Callable[[], Any]:
         raise RuntimeError("boom")
 
 
@@ -122,13 +113,7 @@ class AbortingTarget(EagerCopyTarget):
 
     name: ClassVar[str] = "fake-abort"
 
-    def prepare(
-        self,
-        model: nn.Module,
-        inputs: tuple[torch.Tensor, ...],
-        device: torch.device,
-        precision: Precision,
-    ) -> Prepared:
+    def runner(self, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Callable[[], Any]:
         os.abort()
 
 
@@ -137,13 +122,7 @@ class HangingTarget(EagerCopyTarget):
 
     name: ClassVar[str] = "fake-hang"
 
-    def prepare(
-        self,
-        model: nn.Module,
-        inputs: tuple[torch.Tensor, ...],
-        device: torch.device,
-        precision: Precision,
-    ) -> Prepared:
+    def runner(self, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Callable[[], Any]:
         threading.Event().wait()
         raise AssertionError("unreachable")
 
@@ -153,13 +132,7 @@ class MemoryHogTarget(EagerCopyTarget):
 
     name: ClassVar[str] = "fake-oom"
 
-    def prepare(
-        self,
-        model: nn.Module,
-        inputs: tuple[torch.Tensor, ...],
-        device: torch.device,
-        precision: Precision,
-    ) -> Prepared:
+    def runner(self, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Callable[[], Any]:
         hog = bytearray(1 << 50)  # 1 PiB: refused at once with MemoryError
         raise AssertionError(f"unreachable: got {len(hog)} bytes")
 
@@ -172,14 +145,26 @@ class KillOnThirdPrepare(EagerCopyTarget):
     def __init__(self) -> None:
         self.prepared = 0
 
-    def prepare(
-        self,
-        model: nn.Module,
-        inputs: tuple[torch.Tensor, ...],
-        device: torch.device,
-        precision: Precision,
-    ) -> Prepared:
+    def runner(self, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Callable[[], Any]:
         self.prepared += 1
         if self.prepared == 3:
             os.kill(os.getpid(), signal.SIGKILL)
-        return super().prepare(model, inputs, device, precision)
+        return super().runner(model, inputs)
+
+
+FAST_TIMING = TimingConfig(warmup_runs=1, warmup_s=0.0, min_samples=3, min_time_s=0.0)
+
+
+def tiny_suite(**changes: Any) -> Suite:
+    """A suite of the conftest's TinyNet at 16x16 that measures in milliseconds."""
+    fields: dict[str, Any] = {
+        "name": "t",
+        "models": ("tests.conftest:TinyNet",),
+        "specs": ("magnitude:0.5",),
+        "targets": ("cpu",),
+        "batch_sizes": (1, 2),
+        "input_size": 16,
+        "timing": FAST_TIMING,
+        **changes,
+    }
+    return Suite(**fields)

@@ -6,12 +6,15 @@ worker processes have their own tests in test_worker.py."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
+from torch import nn
 
 from benchlib.harness.runner import run_suite
-from benchlib.harness.timing import TimingConfig
 from benchlib.results import (
     RESULTS_FILE,
     RUN_FILE,
@@ -21,26 +24,9 @@ from benchlib.results import (
     Status,
     read_records,
 )
-from benchlib.suite import Suite
-from benchlib.target import Prepared, TargetRegistry
+from benchlib.target import TargetRegistry
 from tests.fakes import CrashingTarget, EagerCopyTarget, FakeGpuTarget, WrongOutputTarget
-
-FAST = TimingConfig(warmup_runs=1, warmup_s=0.0, min_samples=3, min_time_s=0.0)
-
-
-def suite(**changes: object) -> Suite:
-    fields: dict[str, object] = {
-        "name": "t",
-        "models": ("tests.conftest:TinyNet",),
-        "specs": ("magnitude:0.5",),
-        "targets": ("cpu",),
-        "batch_sizes": (1, 2),
-        "input_size": 16,
-        "timing": FAST,
-        **changes,
-    }
-    return Suite(**fields)  # type: ignore[arg-type]
-
+from tests.fakes import tiny_suite as suite
 
 REGISTRY = TargetRegistry({"fake-eager": EagerCopyTarget, "fake-gpu": FakeGpuTarget})
 
@@ -170,15 +156,15 @@ class InterruptOnThirdRun(EagerCopyTarget):
     def __init__(self) -> None:
         self.prepared = 0
 
-    def prepare(self, model, inputs, device, precision):  # type: ignore[no-untyped-def]
+    def runner(self, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Callable[[], Any]:
         self.prepared += 1
         if self.prepared == 3:
 
             def interrupted() -> None:
                 raise KeyboardInterrupt
 
-            return Prepared(run=interrupted, synchronize=lambda: None)
-        return super().prepare(model, inputs, device, precision)
+            return interrupted
+        return super().runner(model, inputs)
 
 
 def test_interrupt_inside_a_cell_keeps_the_cells_before_it(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 from benchlib.harness.runner import resume_run, run_suite
-from benchlib.harness.timing import TimingConfig
 from benchlib.results import RESULTS_FILE, Status, read_records
 from benchlib.suite import Suite
 from benchlib.target import TargetRegistry
@@ -18,22 +17,12 @@ from tests.fakes import (
     HangingTarget,
     MemoryHogTarget,
 )
-
-FAST = TimingConfig(warmup_runs=1, warmup_s=0.0, min_samples=3, min_time_s=0.0)
+from tests.fakes import tiny_suite as shared_tiny_suite
 
 
 def tiny_suite(**changes: object) -> Suite:
-    fields: dict[str, object] = {
-        "name": "w",
-        "models": ("tests.conftest:TinyNet",),
-        "specs": ("dense",),
-        "targets": ("cpu",),
-        "batch_sizes": (1,),
-        "input_size": 16,
-        "timing": FAST,
-        **changes,
-    }
-    return Suite(**fields)  # type: ignore[arg-type]
+    """The shared tiny suite, dense only, one batch size."""
+    return shared_tiny_suite(**{"specs": ("dense",), "batch_sizes": (1,), **changes})
 
 
 def test_abort_hang_and_oom_are_failed_cells_and_the_run_goes_on(tmp_path: Path) -> None:
