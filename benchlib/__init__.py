@@ -22,7 +22,7 @@ from benchlib.errors import (
     WorkerError,
 )
 from benchlib.flops import FlopReport, LayerCount, count
-from benchlib.harness.runner import RunResult, run_suite
+from benchlib.harness.runner import RunResult, resume_run, run_suite
 from benchlib.harness.stats import Summary, summarize
 from benchlib.harness.timing import Timing, TimingConfig, measure
 from benchlib.loading import load_model
@@ -66,6 +66,7 @@ __all__ = [
     "prune",
     "realization",
     "replay",
+    "resume_run",
     "run_suite",
     "summarize",
     "summarize_records",

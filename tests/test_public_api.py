@@ -39,6 +39,7 @@ EXPECTED = {
     "prune",
     "realization",
     "replay",
+    "resume_run",
     "run_suite",
     "summarize",
     "summarize_records",
