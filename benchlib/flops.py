@@ -30,6 +30,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from benchlib.errors import ConfigError
+from benchlib.flop_ops import FUNCTIONAL
 from benchlib.opcount import count_ops
 
 SCHEMA_VERSION = 1
@@ -179,66 +180,6 @@ def rule_for(module: nn.Module, rules: Mapping[type[nn.Module], FlopRule]) -> Fl
     return next((rules[cls] for cls in type(module).__mro__ if cls in rules), None)
 
 
-# Functional ops: (args, kwargs, output) -> (MACs, the operands that may be a parameter).
-_Found = tuple[int, tuple[Any, ...]]
-_OpRule = Callable[[tuple[Any, ...], dict[str, Any], Any], _Found]
-
-
-def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, *names: str) -> Any:
-    return args[index] if len(args) > index else next(kwargs[n] for n in names if n in kwargs)
-
-
-def _contract(first: int, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> _Found:
-    # Each output element sums over the last dimension of the first matrix operand.
-    a = _arg(args, kwargs, first, *(("input",) if first == 0 else ("mat1", "batch1", "mat")))
-    return (out.numel() * a.shape[-1] if a.dim() else 0), (*args, *kwargs.values())
-
-
-def _sdpa(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> _Found:
-    q, k, v = (_arg(args, kwargs, i, n) for i, n in enumerate(("query", "key", "value")))
-    return (q.numel() // q.shape[-1]) * k.shape[-2] * (q.shape[-1] + v.shape[-1]), ()
-
-
-def _einsum(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> _Found:
-    """Contracts left to right; an index in one operand only is summed away first (no MACs)."""
-    if not args or not isinstance(args[0], str):
-        return 0, ()  # the sublist format is not counted
-    ops = tuple(args[1]) if len(args) == 2 and isinstance(args[1], list | tuple) else args[1:]
-    lhs, arrow, rhs = args[0].replace(" ", "").partition("->")
-    terms = lhs.split(",")  # as many as operands: torch has just run the call
-    dims = [(t, op.dim() - len(t.replace("...", ""))) for t, op in zip(terms, ops, strict=True)]
-    dots = "".join(chr(0x100 + i) for i in range(max(n for _, n in dims)))  # "..." dims
-    terms = [t.replace("...", dots[len(dots) - n :] if n else "") for t, n in dims]
-    sizes: dict[str, int] = {}
-    for term, op in zip(terms, ops, strict=True):
-        sizes.update({c: max(sizes.get(c, 1), n) for c, n in zip(term, op.shape, strict=True)})
-    once = {c for c in sizes if sum(t.count(c) for t in terms) == 1}
-    result = set(rhs.replace("...", dots)) if arrow else once | set(dots)
-    macs, current = 0, set(terms[0])
-    for i, term in enumerate(terms[1:], start=1):
-        later = result.union(*terms[i + 1 :])
-        joined = {c for c in current | set(term) if c in later or (c in current and c in term)}
-        macs += math.prod(sizes[c] for c in joined)
-        current = joined & later
-    return macs, ops
-
-
-_FUNCTIONAL: Mapping[Callable[..., Any], _OpRule] = MappingProxyType(
-    {
-        getattr(space, name): rule
-        for names, rule in (
-            ("matmul mm bmm mv dot vdot inner linear", partial(_contract, 0)),
-            ("addmm baddbmm addmv", partial(_contract, 1)),
-            ("scaled_dot_product_attention", _sdpa),
-            ("einsum", _einsum),
-        )
-        for name in names.split()
-        for space in (torch, torch.Tensor, torch.nn.functional)
-        if hasattr(space, name)
-    }
-)
-
-
 class _Counter(TorchFunctionMode):
     """The state of one :func:`count` call: what the module hooks and the op mode saw."""
 
@@ -280,9 +221,9 @@ class _Counter(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         output = func(*args, **(kwargs or {}))
-        if self.ruled or func not in _FUNCTIONAL:
+        if self.ruled or func not in FUNCTIONAL:
             return output
-        dense, operands = _FUNCTIONAL[func](args, kwargs or {}, output)
+        dense, operands = FUNCTIONAL[func](args, kwargs or {}, output)
         owned = [self.owners[id(t)] for t in operands if id(t) in self.owners]
         if owned:  # the first parameter operand names the layer and gives the density
             module, weight = owned[0]
