@@ -14,6 +14,7 @@ a magnitude variant stay dense, so the whole-model F is lower than 1/(1-amount))
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -97,6 +98,7 @@ class Baseline:
 
     first: CellRecord
     samples: tuple[float, ...]
+    median: float | None
     drift: float | None
 
     def reasons(self) -> tuple[str, ...]:
@@ -121,10 +123,11 @@ def baselines(records: Iterable[CellRecord]) -> dict[Group, Baseline]:
     for group, runs in dense.items():
         runs.sort(key=lambda r: r.key.repeat)
         measured = [r for r in runs if r.status is Status.OK and r.samples_s]
-        medians = [summarize(r.samples_s, resamples=1).median for r in measured]
+        medians = [statistics.median(r.samples_s) for r in measured]
         drift = max(medians) / min(medians) - 1.0 if len(medians) > 1 else None
         pooled = tuple(x for r in measured for x in r.samples_s)
-        found[group] = Baseline(first=runs[0], samples=pooled, drift=drift)
+        median = statistics.median(pooled) if pooled else None
+        found[group] = Baseline(first=runs[0], samples=pooled, median=median, drift=drift)
     return found
 
 
@@ -142,17 +145,14 @@ def summarize_records(records: Iterable[CellRecord]) -> list[Row]:
         base = bases.get(group_of(key))
         samples = base.samples if key.spec == DENSE and base else record.samples_s
         stats = summarize(samples) if record.status is Status.OK and samples else None
-        base_stats = summarize(base.samples, resamples=1) if base and base.samples else None
-        rows.append(_row(record, stats, base, base_stats))
+        rows.append(_row(record, stats, base))
     return rows
 
 
-def _row(
-    record: CellRecord, stats: Summary | None, base: Baseline | None, base_stats: Summary | None
-) -> Row:
+def _row(record: CellRecord, stats: Summary | None, base: Baseline | None) -> Row:
     key, counts = record.key, record.flops
     theoretical = _ratio(base.first.flops.get("macs") if base else None, counts.get("nonzero_macs"))
-    measured = _ratio(base_stats.median if base_stats else None, stats.median if stats else None)
+    measured = _ratio(base.median if base else None, stats.median if stats else None)
     extra = gpu_reasons(record) + (base.reasons() if base else ())
     judged = verdict(record.samples_s, record.device.split(":")[0], extra) if stats else ("", ())
     flags = []
