@@ -5,9 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from benchlib.cli import bench
+
+WITHOUT_GPU = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks what a machine without a CUDA GPU says"
+)
 
 FAST_SUITE = """
 models = ["tests.conftest:TinyNet"]
@@ -44,6 +49,7 @@ def test_run_prints_the_table_and_writes_the_run_folder(fast_suite: Path, tmp_pa
     assert {p.name for p in run_dir.iterdir()} == {"run.json", "results.jsonl", "summary.json"}
 
 
+@WITHOUT_GPU
 def test_gpu_selector_without_gpu_says_why_in_one_line(fast_suite: Path, tmp_path: Path) -> None:
     code, output = invoke(
         "run", "--suite", str(fast_suite), "--targets", "gpu,cpu", "--out", str(tmp_path)
@@ -67,7 +73,11 @@ def test_gpu_selector_without_gpu_says_why_in_one_line(fast_suite: Path, tmp_pat
         (["--precision", "fp8"], "error: unknown precision 'fp8'; choose from: bf16, fp16, fp32"),
         (["--threads", "0"], "error: threads 0 must be a positive integer"),
         (["--suite", "nope"], "error: unknown suite 'nope'; choose from: "),
-        (["--targets", "torch-eager-cuda"], "error: target 'torch-eager-cuda' is unavailable: "),
+        pytest.param(
+            ["--targets", "torch-eager-cuda"],
+            "error: target 'torch-eager-cuda' is unavailable: ",
+            marks=WITHOUT_GPU,
+        ),
         (["--prune", "magnitude:0.5[prune_first=maybe]"], "error: option prune_first='maybe'"),
         (["--prune", "magnitude:0.5[typo=1]"], "error: unknown option 'typo'; choose from: "),
         (["--precision", ""], "error: suite 'fast': precisions must be a non-empty list"),

@@ -27,7 +27,8 @@ def as_model(module: nn.Module, source: str) -> Model:
 @pytest.fixture(scope="module")
 def archives(resnet20: Model) -> dict[str, Model]:
     example = resnet20.example_input(1)
-    with pytest.warns(FutureWarning, match="deprecated"), torch.no_grad():
+    # torch 2.14 warns FutureWarning, older releases DeprecationWarning
+    with pytest.warns((FutureWarning, DeprecationWarning), match="deprecated"), torch.no_grad():
         scripted = torch.jit.trace(resnet20.module, (example,))
     exported = torch.export.export(resnet20.module, (example,)).module()
     return {
