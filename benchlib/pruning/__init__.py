@@ -20,6 +20,8 @@ from benchlib.flops import FlopReport, count
 from benchlib.models import Model
 from benchlib.pruning.recipe import Recipe, weights_sha256
 from benchlib.pruning.spec import PruneSpec, parse_spec, split_specs
+from benchlib.pruning.structured import prune_structured, replay_structured
+from benchlib.pruning.structured import validate as validate_structured
 from benchlib.pruning.unstructured import MASK_FLAGS, prune_magnitude, replay_magnitude
 
 __all__ = [
@@ -38,23 +40,35 @@ __all__ = [
 @dataclass(frozen=True)
 class Method:
     """One pruning method: ``apply`` prunes a module in place and returns its recipe;
-    ``replay`` redoes a recipe in place. ``takes_amount`` says whether ``METHOD:AMOUNT``;
-    ``flags`` are the boolean options it understands."""
+    ``replay`` redoes a recipe in place (given the batch-1 example input). ``takes_amount``
+    says whether ``METHOD:AMOUNT``; ``flags`` are the boolean options it understands, or
+    ``validate`` checks the options (raising ConfigError) where they take values."""
 
     apply: Callable[[nn.Module, PruneSpec, torch.Tensor], Recipe]
-    replay: Callable[[nn.Module, PruneSpec, Recipe], None]
+    replay: Callable[[nn.Module, PruneSpec, Recipe, torch.Tensor], None]
     takes_amount: bool
     summary: str
     flags: frozenset[str] = frozenset()
+    validate: Callable[[PruneSpec], None] | None = None
 
 
 def _dense(model: nn.Module, spec: PruneSpec, example: torch.Tensor) -> Recipe:
     return Recipe(spec="dense", base_sha256=weights_sha256(dict(model.named_parameters())))
 
 
-def _replay_dense(model: nn.Module, spec: PruneSpec, recipe: Recipe) -> None:
+def _replay_dense(model: nn.Module, spec: PruneSpec, recipe: Recipe, example: torch.Tensor) -> None:
     return None
 
+
+STRUCTURED_SUMMARIES = {
+    "l1": "remove the filters of least L1 norm (Li et al. 2017)",
+    "l2": "remove the filters of least L2 norm",
+    "fpgm": "remove the filters nearest the geometric median (He et al. 2019)",
+    "slim": "Network Slimming: one global threshold on BN |gamma| (Liu et al. 2017)",
+    "hrank": "remove the channels of lowest feature-map rank (Lin et al. 2020; needs data)",
+    "taylor": "remove the filters of least |weight x gradient| (Molchanov et al. 2019; data)",
+    "random": "remove random channels (seeded): the control",
+}
 
 METHODS: Mapping[str, Method] = MappingProxyType(
     {
@@ -73,6 +87,12 @@ METHODS: Mapping[str, Method] = MappingProxyType(
             "the same |w| ratio in every layer",
             MASK_FLAGS,
         ),
+        **{
+            name: Method(
+                prune_structured, replay_structured, True, summary, validate=validate_structured
+            )
+            for name, summary in STRUCTURED_SUMMARIES.items()
+        },
     }
 )
 
@@ -113,6 +133,9 @@ def resolve(spec: str | PruneSpec) -> tuple[PruneSpec, Method]:
         parsed = replace(parsed, args=(repr(parsed.amount()),))
     elif parsed.args:
         raise ConfigError(f"spec {str(parsed)!r} takes no arguments")
+    if method.validate is not None:
+        method.validate(parsed)
+        return parsed, method
     for key in parsed.options:
         if key not in method.flags:
             error = unknown_choice("option", key, method.flags or ["(none)"])
@@ -137,7 +160,7 @@ def replay(model: Model, recipe: Recipe) -> Variant:
     """Rebuild the variant ``recipe`` describes from the dense ``model`` it was made from."""
     parsed, method = resolve(recipe.spec)
     module = copy.deepcopy(model.module)
-    method.replay(module, parsed, recipe)
+    method.replay(module, parsed, recipe, model.example_input(1))
     pruned = Model(
         name=model.name, module=module, input_shape=model.input_shape, source=model.source
     )

@@ -58,10 +58,16 @@ class Group:
 
 @dataclass
 class DependencyGraph:
-    """The groups of a model, and how to map kept channels onto every member."""
+    """The groups of a model, and how to map kept channels onto every member.
+
+    ``blocked`` lists the ops that pinned dims (op and layer); ``traced`` is the ``torch.fx``
+    module the graph was read from, sharing the model's parameters (criteria that need
+    activations run it).
+    """
 
     groups: list[Group]
     blocked: list[str] = field(default_factory=list)
+    traced: fx.GraphModule | None = field(default=None, repr=False)
     _slices: list[tuple[Member, Node]] = field(default_factory=list, repr=False)
     _roots: dict[str, Node] = field(default_factory=dict, repr=False)
     _derived: dict[int, Node] = field(default_factory=dict, repr=False)
@@ -144,7 +150,9 @@ def build_graph(model: nn.Module, example: torch.Tensor) -> DependencyGraph:
     traced = trace(model, example)
     builder = Builder(traced)
     builder.walk()
-    return _collect(builder)
+    graph = _collect(builder)
+    graph.traced = traced
+    return graph
 
 
 def _collect(builder: Builder) -> DependencyGraph:

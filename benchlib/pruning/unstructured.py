@@ -121,8 +121,11 @@ def prune_magnitude(
     )
 
 
-def replay_magnitude(model: nn.Module, spec: PruneSpec, recipe: Recipe) -> None:
-    """Redo a magnitude recipe on ``model`` in place; PruningError if it does not match."""
+def replay_magnitude(
+    model: nn.Module, spec: PruneSpec, recipe: Recipe, example: torch.Tensor | None = None
+) -> None:
+    """Redo a magnitude recipe on ``model`` in place; PruningError if it does not match.
+    (``example`` is unused: the recipe names the layers.)"""
     weights = layer_weights(model)
     missing = [n for n in recipe.layers if n not in weights]
     if missing:
