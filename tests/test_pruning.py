@@ -107,7 +107,11 @@ def test_replay_on_other_weights_is_refused(tiny_model: Model) -> None:
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("magnitud:0.5", r"unknown pruning method 'magnitud'; choose from: dense, magnitude"),
+        (
+            "magnitud:0.5",
+            r"unknown pruning method 'magnitud'; choose from: dense, fpgm, hrank, l1, l2, "
+            r"magnitude, magnitude-layer, random, slim, taylor \(did you mean 'magnitude'\?\)",
+        ),
         ("magnitude:1.5", r"amount 1.5 .* outside \(0, 1\)"),
         ("magnitude:0", r"amount 0 .* outside \(0, 1\)"),
         ("magnitude:1", r"outside \(0, 1\)"),
