@@ -8,9 +8,13 @@ latency: how much of the theoretical speedup became real, per target.
     >>> variant = benchlib.prune(model, "magnitude:0.9")
     >>> round(variant.flops.macs / 1e6, 1)
     40.6
+
+``save_pruned(variant, "r20.pt")`` writes the variant as a TorchScript archive (and its recipe
+as ``r20.recipe.json``) that ``bench run --models r20.pt`` measures.
 """
 
 from benchlib.analysis import Row, realization, summarize_records
+from benchlib.archive import save_pruned
 from benchlib.errors import (
     BenchError,
     ConfigError,
@@ -68,6 +72,7 @@ __all__ = [
     "replay",
     "resume_run",
     "run_suite",
+    "save_pruned",
     "summarize",
     "summarize_records",
     "zoo_names",

@@ -11,18 +11,23 @@ import dataclasses
 import functools
 import sys
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from benchlib.archive import archive_metadata, save_pruned
 from benchlib.catalog import describe_zoo
 from benchlib.errors import BenchError, ConfigError, ModelLoadError, TargetUnavailable
+from benchlib.flops import FlopReport, count
 from benchlib.harness.runner import plan, resume_run, run_suite
-from benchlib.pruning import split_specs
+from benchlib.loading import load_model
+from benchlib.pruning import PruneSpec, Variant, parse_spec, prune, resolve, split_specs
+from benchlib.pruning.scoring import DATA_CRITERIA
 from benchlib.report.console import models_table, render_summary, targets_table
 from benchlib.results import CellKey, CellRecord, Status
 from benchlib.suite import Suite, load_suite
@@ -188,6 +193,8 @@ def run(
     for line in _skipped_lines(result.selection.skipped):
         console.print(f"[yellow]skipped[/yellow] {line}")
     console.print(render_summary(result.rows))
+    for line in _synthetic_lines(result.records):
+        console.print(f"[bold yellow]warning[/bold yellow] {escape(line)}", soft_wrap=True)
     console.print(f"Run folder: {result.directory}")
     if result.interrupted:
         console.print(
@@ -234,6 +241,158 @@ def _skipped_lines(skipped: Mapping[str, str]) -> list[str]:
     for name, reason in skipped.items():
         by_reason.setdefault(reason, []).append(name)
     return [f"{', '.join(names)}: {reason}" for reason, names in by_reason.items()]
+
+
+def _synthetic_lines(records: Sequence[CellRecord]) -> list[str]:
+    """One line per variant whose channels were ranked on synthetic (random) images: a spec
+    of a data-driven method without ``data=`` or with ``data=synthetic``, or a model file
+    that ``bench prune`` wrote from such a spec."""
+    lines: list[str] = []
+    for spec in dict.fromkeys(r.key.spec for r in records):
+        if _synthetic_spec(spec):
+            lines.append(
+                f"{spec}: pruned with SYNTHETIC calibration data (random images, not a "
+                "dataset); give it data=digits or data=FOLDER"
+            )
+    for model in dict.fromkeys(r.key.model for r in records):
+        meta = archive_metadata(model) if Path(model).is_file() else None
+        if meta is not None and meta.get("synthetic") is True:
+            lines.append(
+                f"{model}: pruned by {meta.get('spec', '?')} with SYNTHETIC calibration data "
+                "(random images, not a dataset)"
+            )
+    return lines
+
+
+def _synthetic_spec(text: str) -> bool:
+    try:
+        spec = parse_spec(text)
+    except ConfigError:
+        return False
+    return spec.method in DATA_CRITERIA and spec.options.get("data", "synthetic") == "synthetic"
+
+
+@bench.command(name="prune")
+@click.argument("model_ref", metavar="MODEL")
+@click.option(
+    "--spec", required=True, help="The pruning spec, e.g. l1:0.5 or fpgm:0.4[round_to=8]."
+)
+@click.option(
+    "--data",
+    help="Calibration data of hrank/taylor: digits, synthetic, or an ImageFolder/CIFAR folder.",
+)
+@click.option("--input-size", type=int, help="Square input side, overriding the model's own.")
+@click.option(
+    "--weights",
+    type=click.Path(path_type=Path),
+    help="A state dict for the model (loaded with weights_only=True).",
+)
+@click.option("--trust", is_flag=True, help="Allow loading a pickled whole module.")
+@click.option(
+    "--out",
+    "out_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The TorchScript archive to write; the recipe goes beside it as NAME.recipe.json.",
+)
+@_handle_errors
+def prune_command(
+    model_ref: str,
+    spec: str,
+    data: str | None,
+    input_size: int | None,
+    weights: Path | None,
+    trust: bool,
+    out_path: Path,
+) -> None:
+    """Prune MODEL (a zoo name, a model file or module:function) by --spec and save it.
+
+    Writes a TorchScript archive (traced, checked against eager) that `bench run --models
+    FILE` benchmarks, and the recipe that replays the pruning on the dense weights.
+    """
+    console = Console(highlight=False, soft_wrap=True)  # one line per line, greppable
+    if out_path.is_dir():  # checked by save_pruned too, but only after the pruning
+        raise ConfigError(f"--out {str(out_path)!r} is a folder; give a file name, e.g. model.pt")
+    parsed, _ = resolve(spec)  # the spec is checked before the model is built
+    if data is not None:
+        parsed, _ = resolve(_with_data(parsed, data))
+    model = load_model(model_ref, input_size=input_size, weights=weights, trust=trust)
+    with console.status(f"pruning {escape(model.name)} by {escape(str(parsed))}"):
+        dense = count(model.module, model.example_input(1))
+        variant = prune(model, parsed)
+        archive, recipe = save_pruned(variant, out_path)
+    for line in _prune_lines(variant, dense, archive, recipe):
+        console.print(escape(line))
+    if variant.recipe.details.get("synthetic") is True:
+        console.print(
+            "[bold yellow]WARNING[/bold yellow]: SYNTHETIC calibration data: "
+            f"{escape(variant.spec.method)} ranked the channels on random images, not a "
+            "dataset; pass --data digits or --data FOLDER"
+        )
+
+
+def _with_data(spec: PruneSpec, data: str) -> PruneSpec:
+    """``spec`` with its ``data=`` option set from ``--data``."""
+    if spec.method not in DATA_CRITERIA:
+        raise ConfigError(
+            f"--data applies only to the methods that rank on data "
+            f"({', '.join(sorted(DATA_CRITERIA))}); spec {str(spec)!r} uses {spec.method!r}"
+        )
+    given = spec.options.get("data")
+    if given is not None and given != data:
+        raise ConfigError(
+            f"spec {str(spec)!r} sets data={given} and --data says {data!r}; give only one"
+        )
+    if not data or any(c in data for c in ",[]"):
+        raise ConfigError(
+            f"--data {data!r} cannot go into a spec (empty, or holds ',', '[' or ']'); "
+            "use digits, synthetic or a folder path without those characters"
+        )
+    return dataclasses.replace(spec, options={**spec.options, "data": data})
+
+
+def _prune_lines(variant: Variant, dense: FlopReport, archive: Path, recipe: Path) -> list[str]:
+    """The summary of ``bench prune``: what changed, the counts before and after, the files."""
+    after = variant.flops
+    details = variant.recipe.details
+    lines = [f"pruned {variant.model.name} by {variant.spec}"]
+    kept, sizes = details.get("kept"), details.get("sizes")
+    if isinstance(kept, Mapping) and isinstance(sizes, Mapping):
+        cut = sum(1 for key, idx in kept.items() if len(idx) < int(sizes.get(key, 0)))
+        lines.append(
+            f"  channel groups cut: {cut} of {len(kept)} ({details.get('allocation', '?')} "
+            f"allocation); layers changed: {len(variant.recipe.layers)}"
+        )
+    else:
+        lines.append(f"  layers changed: {len(variant.recipe.layers)}")
+    lines.append(f"  MACs per image:  {_change(dense.macs, after.macs)}")
+    lines.append(f"  params:          {_change(dense.params, after.params)}")
+    if after.nonzero_macs != after.macs:  # zeros in the weights: masks were baked in
+        lines.append(f"  nonzero MACs:    {_change(dense.nonzero_macs, after.nonzero_macs)}")
+        lines.append(f"  nonzero params:  {_change(dense.nonzero_params, after.nonzero_params)}")
+    if "data" in details:
+        images = details.get("calibration_images")
+        lines.append(
+            f"  calibration data: {details['data']}" + (f", {images} images" if images else "")
+        )
+    shape = "x".join(str(d) for d in variant.model.input_shape)
+    lines.append(f"  wrote {archive} (TorchScript, input {shape})")
+    lines.append(f"  wrote {recipe} (recipe)")
+    lines.append(f"  benchmark it: bench run --models {archive} --prune dense")
+    return lines
+
+
+def _change(before: int, after: int) -> str:
+    """``40.6 M -> 10.3 M (-74.6%)``."""
+    change = 100.0 * (after - before) / before if before else 0.0
+    return f"{_si(before)} -> {_si(after)} ({change:+.1f}%)"
+
+
+def _si(value: int) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.4g} {unit}"
+    return str(value)
 
 
 @bench.command()

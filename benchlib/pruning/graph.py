@@ -60,13 +60,15 @@ class Group:
 class DependencyGraph:
     """The groups of a model, and how to map kept channels onto every member.
 
-    ``blocked`` lists the ops that pinned dims (op and layer); ``traced`` is the ``torch.fx``
+    ``blocked`` lists the ops that pinned dims (op and layer), ``unknown`` those of them whose
+    effect on channels no rule knows (``strict=true`` refuses those); ``traced`` is the ``torch.fx``
     module the graph was read from, sharing the model's parameters (criteria that need
     activations run it).
     """
 
     groups: list[Group]
     blocked: list[str] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
     traced: fx.GraphModule | None = field(default=None, repr=False)
     _slices: list[tuple[Member, Node]] = field(default_factory=list, repr=False)
     _roots: dict[str, Node] = field(default_factory=dict, repr=False)
@@ -186,7 +188,8 @@ def _collect(builder: Builder) -> DependencyGraph:
         roots[group.key] = root
     order = {name: i for i, name in enumerate(builder.modules)}
     groups.sort(key=lambda g: order.get(g.producers[0], len(order)))
-    return DependencyGraph(groups=groups, blocked=builder.blocked, _slices=builder.slices,
+    return DependencyGraph(groups=groups, blocked=builder.blocked, unknown=builder.unknown_ops,
+                           _slices=builder.slices,
                            _roots=roots, _derived=derived)  # fmt: skip
 
 

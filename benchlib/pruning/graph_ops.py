@@ -115,7 +115,8 @@ class _Value:
 
 class Builder:
     """The walk: ``walk()`` fills ``nodes`` (every channel space), ``slices`` (which member
-    follows which node) and ``blocked`` (ops that pinned dims, with their layers)."""
+    follows which node), ``blocked`` (ops that pinned dims, with their layers) and ``unknown``
+    (the subset of ``blocked`` whose effect on channels the rules do not know)."""
 
     def __init__(self, traced: fx.GraphModule) -> None:
         self.traced = traced
@@ -124,6 +125,7 @@ class Builder:
         self.slices: list[tuple[Member, Node]] = []
         self.nodes: list[Node] = []
         self.blocked: list[str] = []
+        self.unknown_ops: list[str] = []
 
     # -- nodes ----------------------------------------------------------------------------
     def fresh(self, size: int, *, pinned: bool = False) -> Node:
@@ -215,6 +217,7 @@ class Builder:
         stack = node.meta.get("nn_module_stack") or {}
         layer = list(stack.values())[-1][0] if stack else node.name
         self.blocked.append(f"{what} in {layer}")
+        self.unknown_ops.append(f"{what} in {layer}")
         shape = self.out_shape(node)
         return self.value(shape) if shape is not None else self.opaque(node)
 

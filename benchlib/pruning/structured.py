@@ -4,7 +4,7 @@
 AMOUNT is the share of channels pruned in each group (uniform, the papers' default), of all
 prunable channels (``global=true``), or, for ``slim``, Network Slimming's global percent of
 BatchNorm gammas. The options (``OPTIONS`` documents each): ``round_to``, ``global``, ``max``,
-``ignore``, ``config``, ``reduce``, ``residual``, ``seed``, ``data``, ``batches``,
+``ignore``, ``config``, ``reduce``, ``residual``, ``strict``, ``seed``, ``data``, ``batches``,
 ``batch_size``. Example: ``fpgm:0.4[round_to=8,ignore=layer4.*]``.
 
 The recipe keeps, per group, the kept channel indices into the dense layers; replaying it
@@ -51,6 +51,8 @@ OPTIONS: Mapping[str, str] = {
     "reduce": "a group's score: first (its defining layer, the papers' choice) or mean",
     "residual": "prune channels shared across residual adds (true, default) or not (false)",
     "seed": "random: the seed of the scores (integer, default 0)",
+    "strict": "refuse a model with an op whose effect on channels is unknown (true/false;"
+    " default false: such ops keep the channels they touch)",
     "data": "hrank/taylor: digits, synthetic (default) or an ImageFolder/CIFAR folder",
     "batches": "hrank/taylor: calibration batches (default 1; HRank's official run: 5)",
     "batch_size": "hrank/taylor: images per calibration batch (default 32; official: 128)",
@@ -72,6 +74,7 @@ class StructuredOptions:
     config: Mapping[str, float] = field(default_factory=dict)
     reduce: str = "first"
     residual: bool = True
+    strict: bool = False
     seed: int = 0
     data: str = "synthetic"
     batches: int = 1
@@ -103,6 +106,7 @@ def parse_options(spec: PruneSpec, *, read_config: bool = True) -> StructuredOpt
         ignore=tuple(p for p in options.get("ignore", "").split(";") if p),
         reduce=reduce,
         residual=spec.flag("residual", True),
+        strict=spec.flag("strict"),
         seed=_integer(spec, "seed", 0, minimum=0),
         data=options.get("data", "synthetic"),
         batches=_integer(spec, "batches", 1),
@@ -314,6 +318,11 @@ def prune_structured(model: nn.Module, spec: PruneSpec, example: Tensor) -> Reci
     options = parse_options(spec)
     base = weights_sha256(dict(model.named_parameters()))
     graph = build_graph(model, example)
+    if options.strict and graph.unknown:
+        raise PruningError(
+            f"strict: {graph.unknown[0]} has an effect on channels the pruner does not know "
+            f"({len(graph.unknown)} such op(s)); without strict=true it keeps their channels"
+        )
     groups, ratios = eligible(graph, options)
     if not groups:
         why = "; ".join(graph.blocked[:4]) or "no conv or linear layer with free output channels"
