@@ -42,14 +42,15 @@ class Method:
     """One pruning method: ``apply`` prunes a module in place and returns its recipe;
     ``replay`` redoes a recipe in place (given the batch-1 example input). ``takes_amount``
     says whether ``METHOD:AMOUNT``; ``flags`` are the boolean options it understands, or
-    ``validate`` checks the options (raising ConfigError) where they take values."""
+    ``validate(spec, read_files)`` checks the options (raising ConfigError) where they take
+    values (``read_files=False``: no files the options name are opened, as when replaying)."""
 
     apply: Callable[[nn.Module, PruneSpec, torch.Tensor], Recipe]
     replay: Callable[[nn.Module, PruneSpec, Recipe, torch.Tensor], None]
     takes_amount: bool
     summary: str
     flags: frozenset[str] = frozenset()
-    validate: Callable[[PruneSpec], None] | None = None
+    validate: Callable[[PruneSpec, bool], None] | None = None
 
 
 def _dense(model: nn.Module, spec: PruneSpec, example: torch.Tensor) -> Recipe:
@@ -115,8 +116,9 @@ class Variant:
         return str(self.spec)
 
 
-def resolve(spec: str | PruneSpec) -> tuple[PruneSpec, Method]:
-    """Parse and validate a spec completely: a known method, its arguments and options.
+def resolve(spec: str | PruneSpec, *, read_files: bool = True) -> tuple[PruneSpec, Method]:
+    """Parse and validate a spec completely: a known method, its arguments and options
+    (and the files options name, unless ``read_files`` is False: a recipe replays without them).
 
     Returns the canonical spec (amounts written as ``repr(float)``, so ``magnitude:.5`` and
     ``magnitude:0.50`` are one variant, ``magnitude:0.5``). Raises ConfigError.
@@ -134,7 +136,7 @@ def resolve(spec: str | PruneSpec) -> tuple[PruneSpec, Method]:
     elif parsed.args:
         raise ConfigError(f"spec {str(parsed)!r} takes no arguments")
     if method.validate is not None:
-        method.validate(parsed)
+        method.validate(parsed, read_files)
         return parsed, method
     for key in parsed.options:
         if key not in method.flags:
@@ -158,7 +160,7 @@ def prune(model: Model, spec: str | PruneSpec) -> Variant:
 
 def replay(model: Model, recipe: Recipe) -> Variant:
     """Rebuild the variant ``recipe`` describes from the dense ``model`` it was made from."""
-    parsed, method = resolve(recipe.spec)
+    parsed, method = resolve(recipe.spec, read_files=False)
     module = copy.deepcopy(model.module)
     method.replay(module, parsed, recipe, model.example_input(1))
     pruned = Model(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from benchlib.data import load_dataset
+from benchlib.data import DATA_SOURCES, load_dataset
 from benchlib.errors import ConfigError, PruningError, unknown_choice
 from benchlib.pruning import importance
 from benchlib.pruning.graph import DependencyGraph, Group, build_graph
@@ -81,10 +82,11 @@ class StructuredOptions:
     batch_size: int = 32
 
 
-def parse_options(spec: PruneSpec, *, read_config: bool = True) -> StructuredOptions:
+def parse_options(spec: PruneSpec, *, read_files: bool = True) -> StructuredOptions:
     """Check a structured spec's amount and options; raises ConfigError naming the bad value.
 
-    ``read_config=False`` skips reading the ``config`` file (replay needs only the recipe).
+    ``read_files=False`` neither reads the ``config`` file nor checks that a ``data`` folder
+    exists (replay needs only the recipe).
     """
     options = dict(spec.options)
     for key in options:
@@ -111,16 +113,23 @@ def parse_options(spec: PruneSpec, *, read_config: bool = True) -> StructuredOpt
         data=options.get("data", "synthetic"),
         batches=_integer(spec, "batches", 1),
         batch_size=_integer(spec, "batch_size", 32),
-        config=_read_config(spec, options["config"]) if read_config and "config" in options else {},
+        config=_read_config(spec, options["config"]) if read_files and "config" in options else {},
     )
     if parsed.global_ranking and "config" in options:
         raise ConfigError(f"spec {str(spec)!r}: global=true and config= exclude each other")
+    if "max" in options and not parsed.global_ranking:
+        raise ConfigError(f"option max in spec {str(spec)!r} only applies with global=true")
+    if read_files and parsed.data not in DATA_SOURCES and not Path(parsed.data).is_dir():
+        raise ConfigError(
+            f"data={parsed.data!r} in spec {str(spec)!r} is not a folder; choose from: "
+            f"{', '.join(DATA_SOURCES)} or an ImageFolder / CIFAR python folder"
+        )
     return parsed
 
 
-def validate(spec: PruneSpec) -> None:
+def validate(spec: PruneSpec, read_files: bool = True) -> None:
     """``Method.validate`` for the structured methods."""
-    parse_options(spec)
+    parse_options(spec, read_files=read_files)
 
 
 def _integer(spec: PruneSpec, key: str, default: int, *, minimum: int = 1) -> int:
@@ -189,10 +198,10 @@ def _read_config(spec: PruneSpec, path: str) -> dict[str, float]:
 
 
 def round_keep(keep: int, size: int, multiple: int) -> int:
-    """``keep`` rounded to the nearest multiple of ``multiple`` (at least one multiple, at most
-    ``size``); with ``multiple`` 1 just clamped to [1, size]."""
+    """``keep`` rounded up to a multiple of ``multiple`` (never more pruning than asked), at
+    most ``size``; with ``multiple`` 1 just clamped to [1, size]."""
     if multiple > 1:
-        keep = max(multiple, multiple * round(keep / multiple))
+        keep = multiple * max(1, math.ceil(keep / multiple))
     return min(size, max(1, keep))
 
 
@@ -210,8 +219,8 @@ def allocate(
     several gammas equal the threshold (the all-ones gammas of an untrained network) the
     official ``|gamma| > thre`` would drop every tied channel, so exactly ``int(N x amount)``
     are pruned by rank instead, ties broken by a ``seed``-ed shuffle. Every group keeps at
-    least one channel and, with ``round_to=k``, a multiple of k; other ties go to the lower
-    index.
+    least one channel and, with ``round_to=k``, a multiple of k (rounded up); other ties go to
+    the lower index.
     """
     scored = [g for g in groups if g.key in scores]
     masks: dict[str, Tensor] = {}
@@ -367,7 +376,7 @@ def replay_structured(model: nn.Module, spec: PruneSpec, recipe: Recipe, example
     Raises:
         PruningError: other weights, or a model whose groups differ from the recipe's.
     """
-    parse_options(spec, read_config=False)
+    parse_options(spec, read_files=False)
     if weights_sha256(dict(model.named_parameters())) != recipe.base_sha256:
         raise PruningError(
             f"recipe {recipe.spec!r} was made from other weights (SHA-256 mismatch); "
