@@ -9,8 +9,10 @@ forward hooks. Matmuls outside them (Swin, MaxViT: ``F.linear``/``matmul``/``ein
 parameters) are caught by a ``TorchFunctionMode``, which sees each call once, as written, with
 the caller's ``Parameter`` (owner and density by identity); a ``TorchDispatchMode`` sees
 ``t()`` + ``addmm`` on a view and einsum in pieces. C++ internals (eval MHA's fused kernel) are
-hidden from it: that is what rules are for. Nonzero MACs (ShrinkBench) = MACs x density of the
-weight used, from the parameters (masks baked in); on meta tensors they equal dense MACs.
+hidden from it: that is what rules are for (nn.MultiheadAttention has one, and so has the
+pruner's HeadPrunedAttention: the same count for its kept heads). Nonzero MACs (ShrinkBench) =
+MACs x density of the weight used, from the parameters (masks baked in); on meta tensors they
+equal dense MACs.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from dataclasses import asdict, dataclass
 from fractions import Fraction
 from functools import partial
 from types import MappingProxyType
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -32,6 +34,9 @@ from torch.overrides import TorchFunctionMode
 from benchlib.errors import ConfigError
 from benchlib.flop_ops import FUNCTIONAL
 from benchlib.opcount import count_ops
+
+if TYPE_CHECKING:  # benchlib.pruning imports this module: the class is looked up late
+    from benchlib.pruning.attention import HeadPrunedAttention
 
 SCHEMA_VERSION = 1
 
@@ -151,16 +156,40 @@ def _linear(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> int:
 def _mha(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> tuple[int, int]:
     """In-projections, QK^T, AV and out-projection; the attention products use no weight."""
     mha = cast(nn.MultiheadAttention, module)
-    query, key, value = inputs[:3]
-    embed, seq_dim = mha.embed_dim, 1 if mha.batch_first and key.dim() == 3 else 0
-    keys = key.shape[seq_dim] + (mha.bias_k is not None) + int(mha.add_zero_attn)
-    tokens = [t.numel() // t.shape[-1] for t in (query, key, value)]
+    embed = mha.embed_dim
     if mha.in_proj_weight is not None:
         weights = [mha.in_proj_weight[i * embed : (i + 1) * embed] for i in range(3)]
     else:
         weights = [mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight]
-    parts = [*zip(tokens, weights, strict=True), (tokens[0], mha.out_proj.weight)]
-    attention = 2 * tokens[0] * keys * embed
+    extra = (mha.bias_k is not None) + int(mha.add_zero_attn)
+    return _attention(inputs, mha.batch_first, weights, mha.out_proj.weight, embed, extra)
+
+
+def _head_pruned_mha(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> tuple[int, int]:
+    """:func:`_mha` for the kept heads of a HeadPrunedAttention: ``num_heads * head_dim`` wide."""
+    attention = cast("HeadPrunedAttention", module)
+    inner = attention.num_heads * attention.head_dim
+    weights = [attention.in_proj_weight[i * inner : (i + 1) * inner] for i in range(3)]
+    weight = attention.out_proj.weight
+    return _attention(inputs, attention.batch_first, weights, weight, inner, 0)
+
+
+def _attention(
+    inputs: tuple[Any, ...],
+    batch_first: bool,
+    weights: list[torch.Tensor],
+    out_weight: torch.Tensor,
+    inner: int,
+    extra_keys: int,
+) -> tuple[int, int]:
+    """(dense, nonzero) MACs of attention: q/k/v ``weights`` on their tokens, QK^T and AV over
+    ``inner`` channels (no weight: dense in both), and ``out_weight`` on the query tokens."""
+    query, key, value = inputs[:3]
+    seq_dim = 1 if batch_first and key.dim() == 3 else 0
+    keys = key.shape[seq_dim] + extra_keys
+    tokens = [t.numel() // t.shape[-1] for t in (query, key, value)]
+    parts = [*zip(tokens, weights, strict=True), (tokens[0], out_weight)]
+    attention = 2 * tokens[0] * keys * inner
     dense = sum(n * w.numel() for n, w in parts) + attention
     return dense, sum(n * _nonzero(w) for n, w in parts) + attention
 
@@ -173,6 +202,14 @@ DEFAULT_RULES: Mapping[type[nn.Module], FlopRule] = MappingProxyType(
         nn.MultiheadAttention: _mha,
     }
 )
+
+
+def _pruned_module_rules() -> dict[type[nn.Module], FlopRule]:
+    """Rules for the modules the structured pruner builds (imported here, at call time:
+    :mod:`benchlib.pruning` imports this module for its FLOP reports)."""
+    from benchlib.pruning.attention import HeadPrunedAttention
+
+    return {HeadPrunedAttention: _head_pruned_mha}
 
 
 def rule_for(module: nn.Module, rules: Mapping[type[nn.Module], FlopRule]) -> FlopRule | None:
@@ -267,11 +304,12 @@ def count(
     The pass runs under ``torch.no_grad()`` in eval mode; every training flag is restored and
     the hooks are removed even when the forward raises (the error propagates). MACs are for the
     batch given: pass batch 1 for per-image numbers; a module called twice counts twice, its
-    parameters once. ``extra_rules`` add to and override :data:`DEFAULT_RULES` (the most
-    specific class in the MRO wins); neither mapping is modified. Model and inputs may be on the
-    meta device (built under ``with torch.device("meta"):``): nonzero counts are dense there.
+    parameters once. ``extra_rules`` add to and override :data:`DEFAULT_RULES` and the rule of
+    the pruner's HeadPrunedAttention (the most specific class in the MRO wins); neither mapping
+    is modified. Model and inputs may be on the meta device (built under
+    ``with torch.device("meta"):``): nonzero counts are dense there.
     """
-    rules = {**DEFAULT_RULES, **(extra_rules or {})}
+    rules = {**DEFAULT_RULES, **_pruned_module_rules(), **(extra_rules or {})}
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     training = [(m, m.training) for m in model.modules()]
     try:

@@ -36,7 +36,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from benchlib.errors import PruningError
-from benchlib.pruning.graph_ops import LEAVES, Builder, Member, Node, find
+from benchlib.pruning.graph_ops import LEAVES, PRODUCER_KINDS, Builder, Member, Node, find
 
 __all__ = ["DependencyGraph", "Group", "Member", "build_graph"]
 
@@ -179,7 +179,7 @@ def _collect(builder: Builder) -> DependencyGraph:
             derived[root_id] = made[0]  # one at most: resolve_derived pinned the rest
             continue
         own = members.get(root_id, [])
-        producers = tuple(m.target for m in own if m.kind == "out")
+        producers = tuple(m.target for m in own if m.kind in PRODUCER_KINDS)
         if not producers:
             continue
         group = Group(key=producers[0], size=root.size, producers=producers,

@@ -7,6 +7,7 @@ value a :class:`Node`; the rules below join, pin or derive those nodes (see
 
 from __future__ import annotations
 
+import inspect
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,16 +19,21 @@ import torchvision
 from torch import nn
 from torchvision.models import swin_transformer
 
-__all__ = ["LEAVES", "Builder", "Member", "Node", "find"]
+from benchlib.pruning.attention import HeadPrunedAttention
 
+__all__ = ["LEAVES", "PRODUCER_KINDS", "Builder", "Member", "Node", "find"]
+
+_HEADS = (nn.MultiheadAttention, HeadPrunedAttention)
+"""Attention modules whose heads can be pruned whole (unmasked self-attention only)."""
 _ATTENTION = (
-    nn.MultiheadAttention,
+    *_HEADS,
     swin_transformer.ShiftedWindowAttention,
     swin_transformer.ShiftedWindowAttentionV2,
 )
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCH_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 LEAVES = (*_CONV, nn.Linear, *_BATCH_NORM, nn.LayerNorm, nn.GroupNorm, *_ATTENTION)
+"""Modules ``torch.fx`` keeps whole (HeadPrunedAttention too: a pruned model traces again)."""
 _SAME_SHAPE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid, nn.Tanh,
     nn.LeakyReLU, nn.ELU, nn.Mish, nn.Softplus, nn.PReLU, nn.Dropout, nn.Dropout1d,
@@ -71,12 +77,19 @@ class Member:
     parameter's dotted name for ``"param"``): ``"out"`` (conv/linear output channels: weight
     dim 0 and bias), ``"in"`` (conv/linear input channels: weight dim 1), ``"norm"``
     (BatchNorm/LayerNorm parameters and statistics), ``"depthwise"`` (a depthwise conv: weight
-    dim 0, bias and ``groups``), ``"param"`` (a parameter used directly, cut along ``dim``).
+    dim 0, bias and ``groups``), ``"param"`` (a parameter used directly, cut along ``dim``),
+    ``"heads"`` (the heads of an attention module: the module is replaced by a
+    :class:`~benchlib.pruning.attention.HeadPrunedAttention` of the kept heads).
+    ``"out"`` and ``"heads"`` members are a group's producers (:data:`PRODUCER_KINDS`).
     """
 
     kind: str
     target: str
     dim: int = 0
+
+
+PRODUCER_KINDS = frozenset({"out", "heads"})
+"""Member kinds whose channels a layer creates: the producers of a group."""
 
 
 class Node:
@@ -126,6 +139,7 @@ class Builder:
         self.nodes: list[Node] = []
         self.blocked: list[str] = []
         self.unknown_ops: list[str] = []
+        self.heads: dict[str, Node | None] = {}  # attention module -> its heads (None: pinned)
 
     # -- nodes ----------------------------------------------------------------------------
     def fresh(self, size: int, *, pinned: bool = False) -> Node:
@@ -236,6 +250,8 @@ class Builder:
         if isinstance(module, _ATTENTION):
             for value in inputs:
                 self.pin_value(value)
+            if isinstance(module, _HEADS):
+                self.attention_heads(node, name, module)
             return self.value(shape) if shape is not None else self.opaque(node)
         if not inputs or shape is None:
             return self.unknown(node, type(module).__name__)
@@ -268,6 +284,25 @@ class Builder:
         if isinstance(module, nn.Flatten):
             return self.flatten(x, shape, module.start_dim, module.end_dim)
         return self.unknown(node, type(module).__name__)
+
+    def attention_heads(self, node: fx.Node, name: str, module: nn.Module) -> None:
+        """The heads of an attention module: a fresh producer space of ``num_heads`` (joined
+        to nothing: the embedding dims stay pinned) when every call is unmasked self-attention
+        without attention weights; else pinned, with the reason in ``blocked``."""
+        why = _heads_blocked(node, module)
+        known = self.heads.get(name)
+        if why is not None:
+            if known is not None:
+                self.pin(known)
+            self.heads[name] = None
+            self.blocked.append(f"attention heads of {name}: {why}")
+            return
+        if name in self.heads or int(getattr(module, "num_heads", 1)) < 2:
+            return  # a second call of the same module, or a single head (nothing to prune)
+        heads = self.fresh(int(getattr(module, "num_heads", 1)))
+        heads.producer = True
+        self.attach(heads, Member("heads", name))
+        self.heads[name] = heads
 
     def produce(self, dim: Node, name: str) -> None:
         dim.producer = True
@@ -532,6 +567,32 @@ class Builder:
         return self.value(shape, dims)
 
     # -- result ---------------------------------------------------------------------------
+
+
+def _heads_blocked(node: fx.Node, module: nn.Module) -> str | None:
+    """Why the heads of this call of an attention module cannot be pruned (None: they can)."""
+    if isinstance(module, nn.MultiheadAttention):
+        if not module._qkv_same_embed_dim:
+            return "separate q/k/v projection sizes (kdim/vdim)"
+        if module.bias_k is not None or module.bias_v is not None:
+            return "bias_k/bias_v"
+        if module.add_zero_attn:
+            return "add_zero_attn"
+    try:
+        bound = inspect.signature(module.forward).bind(*node.args, **node.kwargs)
+    except TypeError:
+        return "a call the rule does not recognise"
+    bound.apply_defaults()
+    args = bound.arguments
+    if not (args.get("key") is args.get("query") and args.get("value") is args.get("query")):
+        return "not self-attention (query, key and value differ)"
+    if args.get("need_weights") is not False:
+        return "need_weights=True (per-head attention weights are an output)"
+    if any(args.get(k) is not None for k in ("key_padding_mask", "attn_mask")):
+        return "an attention mask"
+    if args.get("is_causal") is not False:
+        return "is_causal"
+    return None
 
 
 def _values(value: Any) -> list[_Value]:

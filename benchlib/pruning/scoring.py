@@ -7,6 +7,12 @@ group): its filters (``l1``, ``l2``, ``fpgm``, ``taylor``), the BatchNorm that f
 producer's (``reduce="first"``, the papers' choice) or the mean over its producers that have
 one (``reduce="mean"``). A group none of whose producers can be scored gets no score and
 keeps every channel (e.g. ``slim`` on a layer without BatchNorm, ``hrank`` on a linear layer).
+
+An attention module's heads (a group of ``nn.MultiheadAttention`` heads) are scored on one
+row of weights per head, :func:`~benchlib.pruning.attention.head_rows` (its q, k, v rows and
+biases and its out-projection columns): ``l1``, ``l2`` and ``fpgm`` on those rows, ``taylor``
+on those rows times their gradients; ``slim`` (no BatchNorm follows) and ``hrank`` (no
+H x W maps) give heads no score, so they keep every head.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from torch import Tensor, nn
 from benchlib.data import Dataset, batches
 from benchlib.errors import PruningError
 from benchlib.pruning import importance
+from benchlib.pruning.attention import HeadPrunedAttention, attention_params, head_rows, rows_like
 from benchlib.pruning.graph import DependencyGraph, Group
 
 __all__ = ["CRITERIA", "DATA_CRITERIA", "Calibration", "score_groups"]
@@ -38,6 +45,7 @@ _WEIGHT_CRITERIA: dict[str, Callable[[Tensor], Tensor]] = {
     "fpgm": importance.fpgm_scores,
 }
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_ATTENTION = (nn.MultiheadAttention, HeadPrunedAttention)
 _ACTIVATION_MODULES = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Mish,
     nn.PReLU, nn.Sigmoid, nn.Tanh, nn.Hardsigmoid,
@@ -119,7 +127,11 @@ def _module(model: nn.Module, name: str) -> nn.Module:
 
 
 def _weight(model: nn.Module, name: str) -> Tensor:
-    weight = getattr(_module(model, name), "weight", None)
+    """The rows a weight criterion scores: a layer's weight, or an attention module's heads."""
+    module = _module(model, name)
+    if isinstance(module, _ATTENTION):
+        return head_rows(module)
+    weight = getattr(module, "weight", None)
     if not isinstance(weight, Tensor):
         raise PruningError(f"layer {name} has no weight to score")
     return weight.detach()
@@ -211,10 +223,12 @@ def _hrank(
 
 def _taylor(model: nn.Module, producers: Sequence[str], data: Calibration) -> dict[str, Tensor]:
     """Taylor scores from the gradient of the cross-entropy summed over the calibration batches
-    (labels taken modulo the number of logits, so any data set fits any classifier)."""
-    weights = [_weight_param(model, name) for name in producers]
+    (labels taken modulo the number of logits, so any data set fits any classifier). A layer's
+    rows are its weight's filters; an attention module's, its heads (``rows_like``)."""
+    params = {name: _taylor_params(model, name) for name in producers}
+    weights = list({id(p): p for group in params.values() for p in group}.values())
     saved = [w.requires_grad for w in weights]
-    sums = [torch.zeros_like(w) for w in weights]
+    sums = {id(w): torch.zeros_like(w) for w in weights}
     try:
         for w in weights:
             w.requires_grad_(True)
@@ -225,23 +239,33 @@ def _taylor(model: nn.Module, producers: Sequence[str], data: Calibration) -> di
                     raise PruningError("taylor needs a classifier (a 2-D logits output)")
                 loss = torch.nn.functional.cross_entropy(logits, labels % logits.shape[1])
                 grads = torch.autograd.grad(loss, weights, allow_unused=True)
-                for total, grad in zip(sums, grads, strict=True):
+                for w, grad in zip(weights, grads, strict=True):
                     if grad is not None:
-                        total += grad
+                        sums[id(w)] += grad
     finally:
         for w, flag in zip(weights, saved, strict=True):
             w.requires_grad_(flag)
-    return {
-        name: importance.taylor_scores(w.detach(), total)
-        for name, w, total in zip(producers, weights, sums, strict=True)
-    }
+    out: dict[str, Tensor] = {}
+    for name, group in params.items():
+        values, totals = [w.detach() for w in group], [sums[id(w)] for w in group]
+        module = _module(model, name)
+        if isinstance(module, _ATTENTION):
+            out[name] = importance.taylor_scores(
+                rows_like(module, values), rows_like(module, totals)
+            )
+        else:
+            out[name] = importance.taylor_scores(values[0], totals[0])
+    return out
 
 
-def _weight_param(model: nn.Module, name: str) -> nn.Parameter:
-    weight = getattr(_module(model, name), "weight", None)
+def _taylor_params(model: nn.Module, name: str) -> list[nn.Parameter]:
+    module = _module(model, name)
+    if isinstance(module, _ATTENTION):
+        return attention_params(module)
+    weight = getattr(module, "weight", None)
     if not isinstance(weight, nn.Parameter):
         raise PruningError(f"layer {name} has no weight parameter to score")
-    return weight
+    return [weight]
 
 
 @contextlib.contextmanager

@@ -3,6 +3,9 @@
 The modules stay the same objects of the same classes (the model keeps its ``forward``); their
 parameters are replaced by smaller ones and their size attributes (``out_channels``,
 ``in_features``, ``num_features``, ``normalized_shape``, ``groups``) are updated to match.
+The one exception is attention whose heads are cut (``"heads"`` members): the module is
+replaced, on its parent, by a :class:`~benchlib.pruning.attention.HeadPrunedAttention` of the
+kept heads (``nn.MultiheadAttention`` has no smaller form).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import torch
 from torch import nn
 
 from benchlib.errors import PruningError
+from benchlib.pruning.attention import HeadPrunedAttention
 from benchlib.pruning.graph import DependencyGraph, Member
 
 __all__ = ["apply_cuts"]
@@ -33,6 +37,9 @@ def _cut(model: nn.Module, member: Member, indices: list[int]) -> None:
         owner = model.get_submodule(owner_name)
         _replace(owner, attr, member.dim, indices)
         return
+    if member.kind == "heads":
+        _replace_heads(model, member.target, indices)
+        return
     module = model.get_submodule(member.target)
     if member.kind == "out":
         _replace(module, "weight", 0, indices)
@@ -54,6 +61,15 @@ def _cut(model: nn.Module, member: Member, indices: list[int]) -> None:
             module.normalized_shape = (len(indices),)
     else:
         raise PruningError(f"cannot cut {member.kind!r} member {member.target}")
+
+
+def _replace_heads(model: nn.Module, target: str, indices: list[int]) -> None:
+    """Put a HeadPrunedAttention of the heads ``indices`` in place of attention ``target``."""
+    if not target:
+        raise PruningError("cannot replace the model itself: prune the heads of a submodule")
+    parent_name, _, attr = target.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    setattr(parent, attr, HeadPrunedAttention.from_attention(getattr(parent, attr), indices))
 
 
 def _replace(module: nn.Module, name: str, dim: int, indices: list[int]) -> None:
