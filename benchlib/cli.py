@@ -96,11 +96,13 @@ class _ProgressObserver:
         self._started = True
 
     def started(self, key: CellKey) -> None:
-        self._progress.update(self._task, description=key.label())
+        self._progress.update(self._task, description=escape(key.label()))
 
     def finished(self, record: CellRecord) -> None:
         if record.status is Status.FAILED:
-            self._progress.console.print(f"[red]failed[/red] {record.key.label()}: {record.reason}")
+            self._progress.console.print(
+                f"[red]failed[/red] {escape(record.key.label())}: {escape(record.reason)}"
+            )
         self._progress.advance(self._task)
 
     def close(self) -> None:
@@ -191,7 +193,7 @@ def run(
     finally:
         observer.close()
     for line in _skipped_lines(result.selection.skipped):
-        console.print(f"[yellow]skipped[/yellow] {line}")
+        console.print(f"[yellow]skipped[/yellow] {escape(line)}")
     console.print(render_summary(result.rows))
     for line in _synthetic_lines(result.records):
         console.print(f"[bold yellow]warning[/bold yellow] {escape(line)}", soft_wrap=True)
@@ -244,11 +246,11 @@ def _skipped_lines(skipped: Mapping[str, str]) -> list[str]:
 
 
 def _synthetic_lines(records: Sequence[CellRecord]) -> list[str]:
-    """One line per variant whose channels were ranked on synthetic (random) images: a spec
-    of a data-driven method without ``data=`` or with ``data=synthetic``, or a model file
-    that ``bench prune`` wrote from such a spec."""
+    """One line per measured variant whose channels were ranked on synthetic (random)
+    images: a spec of a data-driven method without ``data=`` or with ``data=synthetic``, or a
+    model file that ``bench prune`` wrote from such a spec."""
     lines: list[str] = []
-    for spec in dict.fromkeys(r.key.spec for r in records):
+    for spec in dict.fromkeys(r.key.spec for r in records if r.status is Status.OK):
         if _synthetic_spec(spec):
             lines.append(
                 f"{spec}: pruned with SYNTHETIC calibration data (random images, not a "

@@ -17,6 +17,7 @@ EXPECTED = {
     "Prepared",
     "PruneSpec",
     "PruningError",
+    "save_pruned",
     "Recipe",
     "Row",
     "RunResult",
