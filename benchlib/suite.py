@@ -11,6 +11,7 @@ current directory or in the benchlib checkout, and a path loads that file. Keys:
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ class Suite:
     name: str
     models: tuple[str, ...]
     specs: tuple[str, ...] = ("dense",)
+    model_specs: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     targets: tuple[str, ...] = ("cpu",)
     batch_sizes: tuple[int, ...] = (1,)
     precisions: tuple[str, ...] = ("fp32",)
@@ -74,7 +76,19 @@ class Suite:
             )
         if not isinstance(self.timing, TimingConfig):
             raise ConfigError(f"suite {self.name!r}: [timing] must be a table of timing options")
-        for spec in self.specs:
+        if not isinstance(self.model_specs, Mapping):
+            raise ConfigError(f"suite {self.name!r}: [model_specs] must be a table model = [specs]")
+        normalized = {}
+        for model, specs in self.model_specs.items():
+            if model not in self.models:
+                raise ConfigError(
+                    f"suite {self.name!r}: [model_specs] names {model!r}, which is not in models; "
+                    f"choose from: {', '.join(self.models)}"
+                )
+            normalized[model] = tuple(specs) if isinstance(specs, (list, tuple)) else specs
+            _check_names(self.name, f"model_specs.{model}", normalized[model])
+        object.__setattr__(self, "model_specs", normalized)
+        for spec in (*self.specs, *(s for specs in normalized.values() for s in specs)):
             resolve(spec)
         for precision in self.precisions:
             Precision.parse(precision)
@@ -82,7 +96,13 @@ class Suite:
     @property
     def variant_specs(self) -> tuple[str, ...]:
         """The specs to build, ``dense`` first: every pruned cell needs its dense baseline."""
-        canonical = [str(resolve(s)[0]) for s in self.specs]
+        return self.specs_for(None)
+
+    def specs_for(self, model: str | None) -> tuple[str, ...]:
+        """The specs of ``model`` (its ``[model_specs]`` entry, else ``specs``), canonical,
+        ``dense`` first."""
+        chosen = self.model_specs.get(model, self.specs) if model is not None else self.specs
+        canonical = [str(resolve(s)[0]) for s in chosen]
         return tuple(dict.fromkeys(["dense", *canonical]))
 
 

@@ -13,7 +13,14 @@ from benchlib.suite import Suite, load_suite
 def test_quick_suite_is_the_documented_default() -> None:
     quick = load_suite("quick")
     assert quick.models == ("resnet18",)
-    assert quick.specs == ("dense", "magnitude:0.5", "magnitude:0.9", "magnitude-layer:0.9")
+    assert quick.specs == (
+        "dense",
+        "magnitude:0.5",
+        "magnitude:0.9",
+        "magnitude-layer:0.9",
+        "l1:0.5",
+        "fpgm:0.5",
+    )
     assert quick.targets == ("cpu",)
     assert quick.batch_sizes == (1, 8)
 

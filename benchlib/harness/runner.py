@@ -111,8 +111,7 @@ class Plan:
     def total_cells(self) -> int:
         suite = self.suite
         return (
-            len(self.models)
-            * len(measurement_order(suite))
+            sum(len(measurement_order(suite, model.name)) for model in self.models)
             * len(self.selection.targets)
             * len(suite.batch_sizes)
             * len(suite.precisions)
@@ -245,7 +244,7 @@ class _Session:
         for target in self.planned.selection.targets:
             for batch_size in suite.batch_sizes:
                 for precision in suite.precisions:
-                    for spec, repeat in measurement_order(suite):
+                    for spec, repeat in measurement_order(suite, model.name):
                         key = CellKey(
                             model=model.name,
                             spec=spec,
@@ -289,10 +288,11 @@ class _Session:
         return run_in_worker(job)
 
 
-def measurement_order(suite: Suite) -> list[tuple[str, int]]:
-    """(spec, repeat) in the order a group is measured: dense, the variants, and dense again
-    when there are variants (an A-B-A design: the second dense run shows the drift)."""
-    specs = [(spec, 0) for spec in suite.variant_specs]
+def measurement_order(suite: Suite, model: str | None = None) -> list[tuple[str, int]]:
+    """(spec, repeat) in the order a group of ``model`` is measured: dense, the variants, and
+    dense again when there are variants (an A-B-A design: the second dense run shows the
+    drift)."""
+    specs = [(spec, 0) for spec in suite.specs_for(model)]
     return [*specs, (DENSE, 1)] if len(specs) > 1 else specs
 
 
