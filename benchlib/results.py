@@ -60,7 +60,8 @@ class CellRecord:
     """One finished cell: its raw samples (seconds per inference) or why it has none.
 
     ``flops`` holds per-image counts of the variant: macs, nonzero_macs, params,
-    nonzero_params, and pruned_macs / pruned_nonzero_macs over the layers the spec touched.
+    nonzero_params, and pruned_macs (the dense MACs of the layers the spec touched) /
+    pruned_nonzero_macs (the nonzero MACs those layers keep in the variant).
     ``prepare_s`` is the target's build time (export, trace, compile), ``cold_s`` the first
     call; neither is in the samples. ``clock`` says what timed the samples ("host", "cuda
     events"); ``host_s`` is the host's end-to-end seconds per inference on CUDA. ``memory``

@@ -32,16 +32,21 @@ def device_for(target: Target) -> torch.device:
 
 
 def flop_fields(variant: Variant) -> dict[str, int]:
-    """Per-image counts stored with every cell of ``variant``."""
+    """Per-image counts stored with every cell of ``variant``: ``pruned_macs`` are the touched
+    layers' MACs in the dense model, ``pruned_nonzero_macs`` what of them the variant keeps."""
     touched = set(variant.recipe.layers)
-    pruned = [layer for layer in variant.flops.layers if layer.name in touched]
+    dense = variant.dense_flops or variant.flops
     return {
         "macs": variant.flops.macs,
         "nonzero_macs": variant.flops.nonzero_macs,
         "params": variant.flops.params,
         "nonzero_params": variant.flops.nonzero_params,
-        "pruned_macs": sum(layer.macs for layer in pruned),
-        "pruned_nonzero_macs": sum(layer.nonzero_macs for layer in pruned),
+        # the touched layers' MACs before pruning (structured pruning shrinks them) ...
+        "pruned_macs": sum(layer.macs for layer in dense.layers if layer.name in touched),
+        # ... and the nonzero MACs they keep
+        "pruned_nonzero_macs": sum(
+            layer.nonzero_macs for layer in variant.flops.layers if layer.name in touched
+        ),
     }
 
 

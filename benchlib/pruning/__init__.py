@@ -100,12 +100,18 @@ METHODS: Mapping[str, Method] = MappingProxyType(
 
 @dataclass(frozen=True, kw_only=True)
 class Variant:
-    """A model after a pruning spec: the pruned module, its recipe and its FLOP counts."""
+    """A model after a pruning spec: the pruned module, its recipe and its FLOP counts.
+
+    ``dense_flops`` are the counts of the model it was pruned from (None for ``dense``): with
+    structured pruning the layers themselves shrink, so the theoretical speedup of the pruned
+    layers compares their dense MACs with their pruned ones.
+    """
 
     model: Model
     spec: PruneSpec
     recipe: Recipe
     flops: FlopReport
+    dense_flops: FlopReport | None = None
 
     @property
     def module(self) -> nn.Module:
@@ -155,7 +161,13 @@ def prune(model: Model, spec: str | PruneSpec) -> Variant:
     pruned = Model(
         name=model.name, module=module, input_shape=model.input_shape, source=model.source
     )
-    return Variant(model=pruned, spec=parsed, recipe=recipe, flops=count(module, example))
+    return Variant(
+        model=pruned,
+        spec=parsed,
+        recipe=recipe,
+        flops=count(module, example),
+        dense_flops=_dense_counts(model, parsed, example),
+    )
 
 
 def replay(model: Model, recipe: Recipe) -> Variant:
@@ -166,6 +178,15 @@ def replay(model: Model, recipe: Recipe) -> Variant:
     pruned = Model(
         name=model.name, module=module, input_shape=model.input_shape, source=model.source
     )
+    example = model.example_input(1)
     return Variant(
-        model=pruned, spec=parsed, recipe=recipe, flops=count(module, model.example_input(1))
+        model=pruned,
+        spec=parsed,
+        recipe=recipe,
+        flops=count(module, example),
+        dense_flops=_dense_counts(model, parsed, example),
     )
+
+
+def _dense_counts(model: Model, spec: PruneSpec, example: torch.Tensor) -> FlopReport | None:
+    return None if spec.method == "dense" else count(model.module, example)

@@ -86,7 +86,7 @@ def variants_table(title: str, rows: Sequence[Row]) -> Table:
     for spec in dict.fromkeys(r.spec for r in rows):
         row = next(r for r in rows if r.spec == spec)
         table.add_row(
-            spec,
+            Text(spec),  # a Text, not markup: spec options are written in [brackets]
             f"{fmt_count(row.nonzero_macs)} / {fmt_count(row.macs)}",
             f"{fmt_count(row.nonzero_params)} / {fmt_count(row.params)}",
             fmt_ratio(row.speedup_theoretical),
@@ -125,7 +125,7 @@ def latency_table(rows: Sequence[Row]) -> Table:
             table.add_row(
                 str(batch_size),
                 target,
-                row.spec,
+                Text(row.spec),
                 median,
                 interval,
                 fmt_ratio(row.speedup_measured),
@@ -150,7 +150,9 @@ def failures(rows: Iterable[Row]) -> Table | None:
         table.add_column(header)
     for r in bad:
         table.add_row(
-            f"{r.model} {r.spec} {r.target} bs{r.batch_size} {r.precision}", r.status, r.reason
+            Text(f"{r.model} {r.spec} {r.target} bs{r.batch_size} {r.precision}"),
+            r.status,
+            Text(r.reason),
         )
     return table
 
