@@ -254,7 +254,8 @@ def test_shipped_hrank_resnet50_config_is_accepted() -> None:
 
     ratios = parse_options(spec).config
     assert len(ratios) == 53  # every conv of ResNet-50, downsample convs included
-    assert ratios["conv1"] == 0.2 and ratios["layer4.2.conv3"] == 0.45
+    assert ratios["conv1"] == 0.2 and ratios["layer4.2.conv2"] == 0.45
+    assert ratios["layer4.2.conv3"] == 0.0  # the residual stream stays whole, as in HRank
 
 
 # -- criteria -------------------------------------------------------------------------------
