@@ -200,7 +200,9 @@ def _digits(split: str) -> tuple[Tensor, Tensor]:
     try:
         datasets = importlib.import_module("sklearn.datasets")
     except ImportError:
-        raise ConfigError("the digits source needs scikit-learn (pip install it)") from None
+        raise ConfigError(
+            "the digits source needs scikit-learn: pip install 'benchlib[data]'"
+        ) from None
     bunch = datasets.load_digits()
     pixels = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.as_tensor(bunch.target, dtype=torch.int64)
