@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from benchlib.archive import archive_metadata, save_pruned
 from benchlib.catalog import describe_zoo
 from benchlib.errors import BenchError, ConfigError, ModelLoadError, TargetUnavailable
-from benchlib.flops import FlopReport, count
+from benchlib.flops import FlopReport
 from benchlib.harness.runner import plan, resume_run, run_suite
 from benchlib.loading import load_model
 from benchlib.pruning import PruneSpec, Variant, parse_spec, prune, resolve, split_specs
@@ -320,9 +320,9 @@ def prune_command(
         parsed, _ = resolve(_with_data(parsed, data))
     model = load_model(model_ref, input_size=input_size, weights=weights, trust=trust)
     with console.status(f"pruning {escape(model.name)} by {escape(str(parsed))}"):
-        dense = count(model.module, model.example_input(1))
         variant = prune(model, parsed)
         archive, recipe = save_pruned(variant, out_path)
+    dense = variant.dense_flops or variant.flops  # None for the dense spec: nothing changed
     for line in _prune_lines(variant, dense, archive, recipe):
         console.print(escape(line))
     if variant.recipe.details.get("synthetic") is True:
