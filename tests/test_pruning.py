@@ -109,8 +109,9 @@ def test_replay_on_other_weights_is_refused(tiny_model: Model) -> None:
     [
         (
             "magnitud:0.5",
-            r"unknown pruning method 'magnitud'; choose from: dense, fpgm, hrank, l1, l2, "
-            r"magnitude, magnitude-layer, random, slim, taylor \(did you mean 'magnitude'\?\)",
+            r"unknown pruning method 'magnitud'; choose from: block, dense, fpgm, hrank, l1, l2, "
+            r"magnitude, magnitude-layer, nm, random, random-mask, slim, taylor "
+            r"\(did you mean 'magnitude'\?\)",
         ),
         ("magnitude:1.5", r"amount 1.5 .* outside \(0, 1\)"),
         ("magnitude:0", r"amount 0 .* outside \(0, 1\)"),

@@ -20,6 +20,7 @@ def test_quick_suite_is_the_documented_default() -> None:
         "magnitude-layer:0.9",
         "l1:0.5",
         "fpgm:0.5",
+        "nm:2:4",
     )
     assert quick.targets == ("cpu",)
     assert quick.batch_sizes == (1, 8)

@@ -22,7 +22,18 @@ from benchlib.pruning.recipe import Recipe, weights_sha256
 from benchlib.pruning.spec import PruneSpec, parse_spec, split_specs
 from benchlib.pruning.structured import prune_structured, replay_structured
 from benchlib.pruning.structured import validate as validate_structured
-from benchlib.pruning.unstructured import MASK_FLAGS, prune_magnitude, replay_magnitude
+from benchlib.pruning.unstructured import (
+    MASK_FLAGS,
+    parse_block_args,
+    parse_nm_args,
+    prune_block,
+    prune_magnitude,
+    prune_nm,
+    prune_random_mask,
+    replay_magnitude,
+    replay_masks,
+    validate_random_mask,
+)
 
 __all__ = [
     "METHODS",
@@ -43,7 +54,9 @@ class Method:
     ``replay`` redoes a recipe in place (given the batch-1 example input). ``takes_amount``
     says whether ``METHOD:AMOUNT``; ``flags`` are the boolean options it understands, or
     ``validate(spec, read_files)`` checks the options (raising ConfigError) where they take
-    values (``read_files=False``: no files the options name are opened, as when replaying)."""
+    values (``read_files=False``: no files the options name are opened, as when replaying).
+    ``parse_args`` checks and canonicalizes positional arguments other than one amount
+    (``nm:2:4``, ``block:4x1:0.8``), raising ConfigError; ``takes_amount`` is then unused."""
 
     apply: Callable[[nn.Module, PruneSpec, torch.Tensor], Recipe]
     replay: Callable[[nn.Module, PruneSpec, Recipe, torch.Tensor], None]
@@ -51,6 +64,7 @@ class Method:
     summary: str
     flags: frozenset[str] = frozenset()
     validate: Callable[[PruneSpec, bool], None] | None = None
+    parse_args: Callable[[PruneSpec], PruneSpec] | None = None
 
 
 def _dense(model: nn.Module, spec: PruneSpec, example: torch.Tensor) -> Recipe:
@@ -87,6 +101,30 @@ METHODS: Mapping[str, Method] = MappingProxyType(
             True,
             "the same |w| ratio in every layer",
             MASK_FLAGS,
+        ),
+        "random-mask": Method(
+            prune_random_mask,
+            replay_masks,
+            True,
+            "random masks (seeded) at magnitude:A's per-layer density: the control "
+            "(random:A is the channel control)",
+            validate=validate_random_mask,
+        ),
+        "nm": Method(
+            prune_nm,
+            replay_masks,
+            False,
+            "N:M: the N largest |w| of every M input weights (NVIDIA sparse tensor cores)",
+            MASK_FLAGS,
+            parse_args=parse_nm_args,
+        ),
+        "block": Method(
+            prune_block,
+            replay_masks,
+            False,
+            "zero the R x C weight blocks of least L2 norm, the fraction A per layer",
+            MASK_FLAGS,
+            parse_args=parse_block_args,
         ),
         **{
             name: Method(
@@ -135,7 +173,9 @@ def resolve(spec: str | PruneSpec, *, read_files: bool = True) -> tuple[PruneSpe
     method = METHODS.get(parsed.method)
     if method is None:
         raise unknown_choice("pruning method", parsed.method, METHODS)
-    if method.takes_amount:
+    if method.parse_args is not None:
+        parsed = method.parse_args(parsed)
+    elif method.takes_amount:
         if len(parsed.args) > 1:
             raise ConfigError(f"spec {str(parsed)!r} takes one amount, e.g. '{parsed.method}:0.5'")
         parsed = replace(parsed, args=(repr(parsed.amount()),))
