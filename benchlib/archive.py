@@ -38,6 +38,7 @@ __all__ = [
     "RECIPE_SUFFIX",
     "archive_metadata",
     "recipe_path",
+    "save_module",
     "save_pruned",
     "trace_checked",
 ]
@@ -114,27 +115,55 @@ def save_pruned(variant: Variant, path: str | Path) -> tuple[Path, Path]:
     """
     archive = Path(path)
     recipe_file = recipe_path(archive)
+    save_module(
+        variant.module,
+        variant.model.example_input(1),
+        archive,
+        _metadata(variant),
+        extra={RECIPE_FILE: variant.recipe.to_json()},
+    )
+    try:
+        partial = recipe_file.with_name(f".{recipe_file.name}.partial")
+        partial.write_text(variant.recipe.to_json() + "\n", encoding="utf-8")
+        os.replace(partial, recipe_file)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {str(recipe_file)!r}: {exc}") from exc
+    return archive, recipe_file
+
+
+def save_module(
+    module: nn.Module,
+    example: torch.Tensor,
+    path: str | Path,
+    metadata: Mapping[str, Any],
+    *,
+    extra: Mapping[str, str] | None = None,
+) -> Path:
+    """Write ``module`` as a TorchScript archive at ``path`` that ``bench run --models`` reads:
+    traced and checked by :func:`trace_checked`, with ``metadata`` (which must hold
+    ``input_shape``) as its ``benchlib.json`` and ``extra`` as further extra files. Written to
+    a temporary name first, then renamed; missing parent folders are created.
+
+    Raises:
+        ConfigError: ``path`` is a folder or cannot be written.
+        ExportError, VerificationError: see :func:`trace_checked`.
+    """
+    archive = Path(path)
     if archive.is_dir():
         raise ConfigError(f"output {str(archive)!r} is a folder; give a file name, e.g. model.pt")
-    traced = trace_checked(variant.module, variant.model.example_input(1))
-    extra = {
-        SHAPE_FILE: json.dumps(_metadata(variant), sort_keys=True),
-        RECIPE_FILE: variant.recipe.to_json(),
-    }
+    traced = trace_checked(module, example)
+    files = {SHAPE_FILE: json.dumps(dict(metadata), sort_keys=True), **(extra or {})}
     try:
         archive.parent.mkdir(parents=True, exist_ok=True)
         partial = archive.with_name(f".{archive.name}.partial")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", _JIT_DEPRECATED, FutureWarning)
-            torch.jit.save(traced, str(partial), _extra_files=extra)
+            torch.jit.save(traced, str(partial), _extra_files=files)
         os.replace(partial, archive)
-        partial = recipe_file.with_name(f".{recipe_file.name}.partial")
-        partial.write_text(variant.recipe.to_json() + "\n", encoding="utf-8")
-        os.replace(partial, recipe_file)
     except (OSError, RuntimeError) as exc:  # torch.jit.save reports OS failures as RuntimeError
         first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
         raise ConfigError(f"cannot write {str(archive)!r}: {first}") from exc
-    return archive, recipe_file
+    return archive
 
 
 def _metadata(variant: Variant) -> dict[str, Any]:

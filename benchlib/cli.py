@@ -8,12 +8,10 @@ name, a value out of range, a missing or corrupt file, a target that cannot run 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import sys
-import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 from rich.console import Console
@@ -22,7 +20,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from benchlib.archive import archive_metadata, save_pruned
 from benchlib.catalog import describe_zoo
-from benchlib.errors import BenchError, ConfigError, ModelLoadError, TargetUnavailable
+from benchlib.cli_common import handle_errors, si_count
+from benchlib.cli_lottery import lmc, lottery
+from benchlib.errors import ConfigError, TargetUnavailable
 from benchlib.flops import FlopReport
 from benchlib.harness.runner import plan, resume_run, run_suite
 from benchlib.loading import load_model
@@ -33,26 +33,7 @@ from benchlib.results import CellKey, CellRecord, Status
 from benchlib.suite import Suite, load_suite
 from benchlib.target import TargetRegistry
 
-F = TypeVar("F", bound=Callable[..., Any])
-BAD_INPUT = (ConfigError, ModelLoadError, TargetUnavailable)
 EXIT_INTERRUPTED = 130
-
-
-def _handle_errors(command: F) -> F:
-    """Turn a BenchError into one line on stderr and an exit code (traceback with -v)."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except BenchError as exc:
-            ctx = click.get_current_context()
-            if ctx.find_root().params.get("verbose"):
-                click.echo(traceback.format_exc(), err=True)
-            click.echo(f"error: {exc}", err=True)
-            ctx.exit(2 if isinstance(exc, BAD_INPUT) else 1)
-
-    return wrapper  # type: ignore[return-value]
 
 
 def _split(text: str | None) -> tuple[str, ...] | None:
@@ -159,7 +140,7 @@ def bench(verbose: bool) -> None:
     show_default=True,
     help="One fresh worker process per cell; --no-isolation runs cells in this process.",
 )
-@_handle_errors
+@handle_errors
 def run(
     suite_name: str,
     out_root: Path,
@@ -297,7 +278,7 @@ def _synthetic_spec(text: str) -> bool:
     type=click.Path(path_type=Path),
     help="The TorchScript archive to write; the recipe goes beside it as NAME.recipe.json.",
 )
-@_handle_errors
+@handle_errors
 def prune_command(
     model_ref: str,
     spec: str,
@@ -387,18 +368,11 @@ def _prune_lines(variant: Variant, dense: FlopReport, archive: Path, recipe: Pat
 def _change(before: int, after: int) -> str:
     """``40.6 M -> 10.3 M (-74.6%)``."""
     change = 100.0 * (after - before) / before if before else 0.0
-    return f"{_si(before)} -> {_si(after)} ({change:+.1f}%)"
-
-
-def _si(value: int) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.4g} {unit}"
-    return str(value)
+    return f"{si_count(before)} -> {si_count(after)} ({change:+.1f}%)"
 
 
 @bench.command()
-@_handle_errors
+@handle_errors
 def targets() -> None:
     """List every registered target, its device kind, and why it cannot run here."""
     registry = TargetRegistry.from_entry_points()
@@ -415,13 +389,17 @@ def targets() -> None:
 
 
 @bench.command()
-@_handle_errors
+@handle_errors
 def models() -> None:
     """List the model zoo with input size, parameters and GMACs per image."""
     console = Console()
     with console.status("counting every zoo model on the meta device"):
         entries = describe_zoo()
     console.print(models_table(entries))
+
+
+bench.add_command(lottery)
+bench.add_command(lmc)
 
 
 def main() -> None:

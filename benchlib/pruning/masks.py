@@ -3,7 +3,9 @@
 Every function takes weights by layer name and returns boolean keep-masks of the same shapes
 (True = keep), so the spec-level code (``unstructured.py``) bakes them into a model and the
 lottery-ticket code keeps them as masks during training. Counts are exact and ties are broken
-by a stable sort: among equal scores the lower flat index is kept (pruned last).
+by a stable sort over the flat index: ``magnitude_masks`` prunes the lower index first among
+equal |w| (as the structured criteria do); ``nm_masks`` and ``block_masks``, which choose what
+to keep, keep the lower index.
 
 - ``magnitude_masks``: the smallest |w|, globally (open_lth's ``sparse_global``) or per layer.
 - ``nm_masks``: N:M, the N largest |w| in every group of M consecutive input weights.
@@ -27,6 +29,7 @@ def magnitude_masks(
 
     ``scope="global"`` ranks all weights together (open_lth's ``sparse_global``) and zeroes
     ``round(amount * total)``; ``scope="layer"`` zeroes ``round(amount * numel)`` per layer.
+    Among equal |w| the lower flat index (layers in the given order) is zeroed first.
     """
     if scope == "layer":
         return {

@@ -1,0 +1,40 @@
+"""What every ``bench`` command shares: turning a BenchError into one line and an exit code."""
+
+from __future__ import annotations
+
+import functools
+import traceback
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from benchlib.errors import BenchError, ConfigError, ModelLoadError, TargetUnavailable
+
+F = TypeVar("F", bound=Callable[..., Any])
+BAD_INPUT = (ConfigError, ModelLoadError, TargetUnavailable)
+
+
+def handle_errors(command: F) -> F:
+    """Turn a BenchError into one line on stderr and an exit code (traceback with -v)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except BenchError as exc:
+            ctx = click.get_current_context()
+            if ctx.find_root().params.get("verbose"):
+                click.echo(traceback.format_exc(), err=True)
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(2 if isinstance(exc, BAD_INPUT) else 1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def si_count(value: int) -> str:
+    """A count with an SI prefix, four significant digits: ``1.052 G``, ``6.92 M``, ``512``."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.4g} {unit}"
+    return str(value)
