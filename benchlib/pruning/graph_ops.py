@@ -15,58 +15,25 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torchvision
 from torch import nn
-from torchvision.models import swin_transformer
 
-from benchlib.pruning.attention import HeadPrunedAttention
+from benchlib.pruning.graph_tables import (
+    ATTENTION,
+    BATCH_NORM,
+    CONV,
+    ELEMENTWISE,
+    HEADS,
+    LEAVES,
+    PERMUTES,
+    POOL_CALLS,
+    POOL_MODULES,
+    REDUCTIONS,
+    RESHAPES,
+    SAME_SHAPE_CALLS,
+    SAME_SHAPE_MODULES,
+)
 
 __all__ = ["LEAVES", "PRODUCER_KINDS", "Builder", "Member", "Node", "find"]
-
-_HEADS = (nn.MultiheadAttention, HeadPrunedAttention)
-"""Attention modules whose heads can be pruned whole (unmasked self-attention only)."""
-_ATTENTION = (
-    *_HEADS,
-    swin_transformer.ShiftedWindowAttention,
-    swin_transformer.ShiftedWindowAttentionV2,
-)
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BATCH_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-LEAVES = (*_CONV, nn.Linear, *_BATCH_NORM, nn.LayerNorm, nn.GroupNorm, *_ATTENTION)
-"""Modules ``torch.fx`` keeps whole (HeadPrunedAttention too: a pruned model traces again)."""
-_SAME_SHAPE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid, nn.Tanh,
-    nn.LeakyReLU, nn.ELU, nn.Mish, nn.Softplus, nn.PReLU, nn.Dropout, nn.Dropout1d,
-    nn.Dropout2d, nn.Dropout3d, nn.Identity, nn.Softmax, nn.LogSoftmax,
-    torchvision.ops.StochasticDepth,
-)  # fmt: skip
-_POOL_MODULES = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample,
-)  # fmt: skip
-_ELEMENTWISE = {
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
-    torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum, torch.where,
-    "add", "sub", "mul", "div", "add_", "mul_", "maximum", "minimum",
-}  # fmt: skip
-_SAME_SHAPE_CALLS = {
-    torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.neg, torch.abs, torch.clamp,
-    torch.nn.functional.relu, torch.nn.functional.relu6, torch.nn.functional.gelu,
-    torch.nn.functional.silu, torch.nn.functional.hardswish, torch.nn.functional.hardsigmoid,
-    torch.nn.functional.sigmoid, torch.nn.functional.dropout, torch.nn.functional.softmax,
-    torch.nn.functional.log_softmax, torchvision.ops.stochastic_depth, torch.softmax,
-    "relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "float", "half", "to", "type_as",
-    "softmax", "clamp", "neg", "abs", "exp", "detach",
-}  # fmt: skip
-_POOL_CALLS = {
-    torch.nn.functional.adaptive_avg_pool2d, torch.nn.functional.adaptive_max_pool2d,
-    torch.nn.functional.avg_pool2d, torch.nn.functional.max_pool2d,
-    torch.nn.functional.interpolate,
-}  # fmt: skip
-_REDUCTIONS = {torch.mean, torch.sum, torch.amax, "mean", "sum", "amax"}
-_PERMUTES = {torch.permute, torch.transpose, torch.swapaxes, "permute", "transpose"}
-_RESHAPES = {torch.reshape, torch.flatten, "view", "reshape", "flatten"}
 
 
 @dataclass(frozen=True)
@@ -247,23 +214,23 @@ class Builder:
         inputs = self.tensor_args(node)
         shape = self.out_shape(node)
         name = str(node.target)
-        if isinstance(module, _ATTENTION):
+        if isinstance(module, ATTENTION):
             for value in inputs:
                 self.pin_value(value)
-            if isinstance(module, _HEADS):
+            if isinstance(module, HEADS):
                 self.attention_heads(node, name, module)
             return self.value(shape) if shape is not None else self.opaque(node)
         if not inputs or shape is None:
             return self.unknown(node, type(module).__name__)
         x = inputs[0]
-        if isinstance(module, _CONV):
+        if isinstance(module, CONV):
             return self.conv(name, module, x, shape)
         if isinstance(module, nn.Linear):
             out = self.value(shape, [*x.dims[:-1], self.fresh(shape[-1])])
             self.attach(x.dims[-1], Member("in", name))
             self.produce(out.dims[-1], name)
             return out
-        if isinstance(module, _BATCH_NORM):
+        if isinstance(module, BATCH_NORM):
             self.attach(x.dims[1], Member("norm", name))
             return self.value(shape, x.dims)
         if isinstance(module, nn.LayerNorm):
@@ -277,9 +244,9 @@ class Builder:
         if isinstance(module, nn.GroupNorm):
             self.pin(x.dims[1])
             return self.value(shape, x.dims)
-        if isinstance(module, _SAME_SHAPE_MODULES):
+        if isinstance(module, SAME_SHAPE_MODULES):
             return self.same(x, shape)
-        if isinstance(module, _POOL_MODULES):
+        if isinstance(module, POOL_MODULES):
             return self.pool(x, shape)
         if isinstance(module, nn.Flatten):
             return self.flatten(x, shape, module.start_dim, module.end_dim)
@@ -309,7 +276,7 @@ class Builder:
         self.attach(dim, Member("out", name))
 
     def conv(self, name: str, conv: nn.Module, x: _Value, shape: tuple[int, ...]) -> _Value:
-        assert isinstance(conv, _CONV)
+        assert isinstance(conv, CONV)
         spatial = [self.fresh(s, pinned=True) for s in shape[2:]]
         if conv.groups == 1:
             out = self.value(shape, [x.dims[0], self.fresh(shape[1]), *spatial])
@@ -413,23 +380,23 @@ class Builder:
         if shape is None and target not in (torch.chunk, torch.split, "chunk", "split"):
             return None if target in (getattr, "size", "dim") else self.unknown(node, _name(target))
         x = inputs[0]
-        if target in _ELEMENTWISE:
+        if target in ELEMENTWISE:
             assert shape is not None
             return self.broadcast(inputs, shape)
-        if target in _SAME_SHAPE_CALLS:
+        if target in SAME_SHAPE_CALLS:
             assert shape is not None
             return self.same(x, shape)
-        if target in _POOL_CALLS:
+        if target in POOL_CALLS:
             assert shape is not None
             return self.pool(x, shape)
-        if target in _PERMUTES:
+        if target in PERMUTES:
             return self.permute(node, x, target)
         if target in ("unsqueeze", torch.unsqueeze, "squeeze", torch.squeeze, "expand") or (
-            target in _RESHAPES
+            target in RESHAPES
         ):
             assert shape is not None
             return self.reshape(x, shape) if target != "expand" else self.expand(x, shape)
-        if target in _REDUCTIONS:
+        if target in REDUCTIONS:
             assert shape is not None
             return self.reduce(node, x, shape)
         if target is torch.cat:

@@ -30,8 +30,9 @@ from torch import Tensor, nn
 from benchlib.data import Dataset, batches
 from benchlib.errors import PruningError
 from benchlib.pruning import importance
-from benchlib.pruning.attention import HeadPrunedAttention, attention_params, head_rows, rows_like
+from benchlib.pruning.attention import attention_params, head_rows, rows_like
 from benchlib.pruning.graph import DependencyGraph, Group
+from benchlib.pruning.graph_tables import BATCH_NORM, HEADS
 
 __all__ = ["CRITERIA", "DATA_CRITERIA", "Calibration", "score_groups"]
 
@@ -44,8 +45,6 @@ _WEIGHT_CRITERIA: dict[str, Callable[[Tensor], Tensor]] = {
     "l2": importance.l2_scores,
     "fpgm": importance.fpgm_scores,
 }
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_ATTENTION = (nn.MultiheadAttention, HeadPrunedAttention)
 _ACTIVATION_MODULES = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Mish,
     nn.PReLU, nn.Sigmoid, nn.Tanh, nn.Hardsigmoid,
@@ -91,7 +90,7 @@ def score_groups(
     elif criterion == "random":
         return {g.key: importance.random_scores(g.size, seed + i) for i, g in enumerate(groups)}
     elif criterion == "slim":
-        norms = _following(graph, producers, lambda n, m: isinstance(m, _BATCH_NORMS))
+        norms = _following(graph, producers, lambda n, m: isinstance(m, BATCH_NORM))
         per_layer = {
             p: importance.slim_scores(_module(model, norm).weight)  # type: ignore[arg-type]
             for p, norm in norms.items()
@@ -129,7 +128,7 @@ def _module(model: nn.Module, name: str) -> nn.Module:
 def _weight(model: nn.Module, name: str) -> Tensor:
     """The rows a weight criterion scores: a layer's weight, or an attention module's heads."""
     module = _module(model, name)
-    if isinstance(module, _ATTENTION):
+    if isinstance(module, HEADS):
         return head_rows(module)
     weight = getattr(module, "weight", None)
     if not isinstance(weight, Tensor):
@@ -174,7 +173,7 @@ def _post_activation(graph: DependencyGraph, producer: str) -> fx.Node | None:
         module = modules.get(str(user.target)) if user.op == "call_module" else None
         if isinstance(module, _ACTIVATION_MODULES) or user.target in _ACTIVATION_CALLS:
             return user
-        if isinstance(module, _BATCH_NORMS) or (
+        if isinstance(module, BATCH_NORM) or (
             user.op in ("call_function", "call_method") and user.target in _PASS_CALLS
         ):
             node = user
@@ -249,7 +248,7 @@ def _taylor(model: nn.Module, producers: Sequence[str], data: Calibration) -> di
     for name, group in params.items():
         values, totals = [w.detach() for w in group], [sums[id(w)] for w in group]
         module = _module(model, name)
-        if isinstance(module, _ATTENTION):
+        if isinstance(module, HEADS):
             out[name] = importance.taylor_scores(
                 rows_like(module, values), rows_like(module, totals)
             )
@@ -260,7 +259,7 @@ def _taylor(model: nn.Module, producers: Sequence[str], data: Calibration) -> di
 
 def _taylor_params(model: nn.Module, name: str) -> list[nn.Parameter]:
     module = _module(model, name)
-    if isinstance(module, _ATTENTION):
+    if isinstance(module, HEADS):
         return attention_params(module)
     weight = getattr(module, "weight", None)
     if not isinstance(weight, nn.Parameter):
