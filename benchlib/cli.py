@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from benchlib.archive import archive_metadata, save_pruned
 from benchlib.catalog import describe_zoo
-from benchlib.cli_common import handle_errors, si_count
+from benchlib.cli_common import INPUT_SIZE, OUT_ROOT, TRUST, WEIGHTS, handle_errors, si_count
 from benchlib.cli_lottery import lmc, lottery
 from benchlib.errors import ConfigError, TargetUnavailable
 from benchlib.flops import FlopReport
@@ -112,22 +112,11 @@ def bench(verbose: bool) -> None:
 @click.option("--batch-sizes", help="Comma-separated batch sizes, e.g. 1,8.")
 @click.option("--precision", "precisions", help="Comma-separated precisions: fp32, fp16, bf16.")
 @click.option("--threads", type=int, help="CPU threads (default: the cores available).")
-@click.option("--input-size", type=int, help="Square input side, overriding the model's own.")
-@click.option(
-    "--weights",
-    type=click.Path(path_type=Path),
-    help="A state dict for the model (loaded with weights_only=True).",
-)
-@click.option("--trust", is_flag=True, help="Allow loading a pickled whole module.")
+@INPUT_SIZE
+@WEIGHTS
+@TRUST
 @click.option("--cell-timeout", type=float, help="Time limit of one cell's worker, in seconds.")
-@click.option(
-    "--out",
-    "out_root",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("reports"),
-    show_default=True,
-    help="Folder for run folders.",
-)
+@OUT_ROOT
 @click.option(
     "--resume",
     type=click.Path(file_okay=False, path_type=Path),
@@ -264,13 +253,9 @@ def _synthetic_spec(text: str) -> bool:
     "--data",
     help="Calibration data of hrank/taylor: digits, synthetic, or an ImageFolder/CIFAR folder.",
 )
-@click.option("--input-size", type=int, help="Square input side, overriding the model's own.")
-@click.option(
-    "--weights",
-    type=click.Path(path_type=Path),
-    help="A state dict for the model (loaded with weights_only=True).",
-)
-@click.option("--trust", is_flag=True, help="Allow loading a pickled whole module.")
+@INPUT_SIZE
+@WEIGHTS
+@TRUST
 @click.option(
     "--out",
     "out_path",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -13,6 +14,25 @@ from benchlib.errors import BenchError, ConfigError, ModelLoadError, TargetUnava
 
 F = TypeVar("F", bound=Callable[..., Any])
 BAD_INPUT = (ConfigError, ModelLoadError, TargetUnavailable)
+
+# Options several commands take, written once.
+INPUT_SIZE = click.option(
+    "--input-size", type=int, help="Square input side, overriding the model's own."
+)
+WEIGHTS = click.option(
+    "--weights",
+    type=click.Path(path_type=Path),
+    help="A state dict for the model (loaded with weights_only=True).",
+)
+TRUST = click.option("--trust", is_flag=True, help="Allow loading a pickled whole module.")
+OUT_ROOT = click.option(
+    "--out",
+    "out_root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("reports"),
+    show_default=True,
+    help="Folder for run folders.",
+)
 
 
 def handle_errors(command: F) -> F:

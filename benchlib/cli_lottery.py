@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from benchlib.archive import save_module
-from benchlib.cli_common import F, handle_errors, si_count
+from benchlib.cli_common import OUT_ROOT, F, handle_errors, si_count
 from benchlib.data import Dataset, load_dataset
 from benchlib.errors import ConfigError
 from benchlib.loading import load_model
@@ -31,7 +31,7 @@ from benchlib.pruning.lottery import (
 )
 from benchlib.pruning.spec import parse_spec
 from benchlib.pruning.unstructured import layer_weights, prunable_layers
-from benchlib.train import TrainConfig, train
+from benchlib.train import TrainConfig, small_net_config, train
 
 __all__ = ["lmc", "lottery"]
 
@@ -44,8 +44,8 @@ def _lottery_setup(
     iterations: int | None,
     seed: int,
 ) -> tuple[Model, Dataset, Dataset, TrainConfig]:
-    """The model (seeded), train and test splits, and the SGD config of the lottery commands:
-    SGD with Nesterov momentum 0.9, weight decay 5e-4, batch 64, lr 0.1, cosine to 0."""
+    """The model (seeded), train and test splits, and the SGD config of the lottery commands
+    (:func:`benchlib.train.small_net_config`)."""
 
     if epochs < 1 or (iterations is not None and iterations < 1):
         raise ConfigError(f"--epochs and --iterations must be >= 1; got {epochs}, {iterations}")
@@ -58,17 +58,7 @@ def _lottery_setup(
         raise ConfigError(f"model {model_ref!r} takes input {shape}; images need (C, H, W)")
     train_set = load_dataset(data, split="train", input_shape=shape, seed=seed)
     test_set = load_dataset(data, split="test", input_shape=shape, seed=seed)
-    config = TrainConfig(
-        lr=0.1,
-        momentum=0.9,
-        nesterov=True,
-        weight_decay=5e-4,
-        batch_size=64,
-        epochs=None if iterations is not None else epochs,
-        iterations=iterations,
-        schedule="cosine",
-        seed=seed,
-    )
+    config = small_net_config(epochs=epochs, iterations=iterations, seed=seed)
     return model, train_set, test_set, config
 
 
@@ -90,14 +80,7 @@ _LOTTERY_OPTIONS = [
     click.option("--epochs", type=int, default=3, show_default=True, help="Epochs per run."),
     click.option("--iterations", type=int, help="Iterations per run, instead of --epochs."),
     click.option("--seed", type=int, default=0, show_default=True, help="Init and data seed."),
-    click.option(
-        "--out",
-        "out_root",
-        type=click.Path(file_okay=False, path_type=Path),
-        default=Path("reports"),
-        show_default=True,
-        help="Folder for run folders.",
-    ),
+    OUT_ROOT,
 ]
 
 

@@ -51,6 +51,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "evaluate",
+    "small_net_config",
     "train",
 ]
 
@@ -373,6 +374,25 @@ def train(
         lrs=tuple(lrs),
         snapshots=snapshots,
         seconds=time.perf_counter() - started,
+    )
+
+
+def small_net_config(
+    *, epochs: int | None = 3, iterations: int | None = None, seed: int = 0
+) -> TrainConfig:
+    """The recipe measured for small CIFAR-style nets on digits (resnet20: 97-99% top-1 in
+    about a second): SGD lr 0.1, Nesterov momentum 0.9, weight decay 5e-4, batch 64, cosine to
+    0, no warm-up. ``iterations`` replaces ``epochs`` when given."""
+    return TrainConfig(
+        lr=0.1,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=5e-4,
+        batch_size=64,
+        epochs=None if iterations is not None else epochs,
+        iterations=iterations,
+        schedule="cosine",
+        seed=seed,
     )
 
 

@@ -30,17 +30,8 @@ from benchlib.models import build_model
 from benchlib.pruning.lottery import run_imp, train_supermask
 from benchlib.pruning.spec import parse_spec
 from benchlib.pruning.unstructured import prunable_layers
-from benchlib.train import TrainConfig, evaluate
+from benchlib.train import evaluate, small_net_config
 
-CONFIG = TrainConfig(
-    lr=0.1,
-    momentum=0.9,
-    nesterov=True,
-    weight_decay=5e-4,
-    batch_size=64,
-    epochs=3,
-    schedule="cosine",
-)
 REWIND_K = 2
 LEVELS = 3
 
@@ -54,7 +45,7 @@ def imp_digits(seed: int, *, levels: int = LEVELS, k: int = REWIND_K) -> dict[st
     model = build_model("resnet20", input_size=8, seed=seed)
     example = model.example_input(1)
     layers = prunable_layers(model.module, example, parse_spec("magnitude:0.5"))
-    config = TrainConfig(**{**CONFIG.__dict__, "seed": seed})
+    config = small_net_config(seed=seed)
     result = run_imp(
         model.module,
         train_set,

@@ -31,19 +31,10 @@ import torch
 
 from benchlib.data import load_dataset
 from benchlib.models import build_model
-from benchlib.train import Evaluation, TrainConfig, evaluate, train
+from benchlib.train import Evaluation, TrainConfig, evaluate, small_net_config, train
 
 # The hyperparameters found for the acceptance (see the module docstring).
-DEFAULTS = TrainConfig(
-    lr=0.1,
-    momentum=0.9,
-    nesterov=True,
-    weight_decay=5e-4,
-    batch_size=64,
-    epochs=3,
-    schedule="cosine",
-    warmup=0,
-)
+DEFAULTS = small_net_config()
 
 
 @dataclass(frozen=True)
