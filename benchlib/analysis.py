@@ -26,6 +26,11 @@ from benchlib.results import CellKey, CellRecord, Status
 DENSE = "dense"
 
 
+ABOVE_THEORY = "T>F: cache or step effect"
+"""Flag of a row whose measured speedup beats the theoretical one."""
+SLOWER_THAN_DENSE = "slower than dense"
+"""Flag of a pruned row that runs slower than its dense baseline (T < 1)."""
+
 @dataclass(frozen=True, kw_only=True)
 class Row:
     """One cell of the summary: counts per image, latency in seconds, speedups as ratios."""
@@ -157,7 +162,9 @@ def _row(record: CellRecord, stats: Summary | None, base: Baseline | None) -> Ro
     judged = verdict(record.samples_s, record.device.split(":")[0], extra) if stats else ("", ())
     flags = []
     if theoretical is not None and measured is not None and measured > theoretical * 1.0001:
-        flags.append("T>F: cache or step effect")
+        flags.append(ABOVE_THEORY)
+    if measured is not None and measured < 1.0 and key.spec != DENSE:
+        flags.append(SLOWER_THAN_DENSE)
     return Row(
         model=key.model,
         spec=key.spec,

@@ -28,10 +28,10 @@ from benchlib.harness.runner import plan, resume_run, run_suite
 from benchlib.loading import load_model
 from benchlib.pruning import PruneSpec, Variant, parse_spec, prune, resolve, split_specs
 from benchlib.pruning.scoring import DATA_CRITERIA
-from benchlib.report.console import models_table, render_summary, targets_table
+from benchlib.report.console import TargetEntry, models_table, render_summary, targets_table
 from benchlib.results import CellKey, CellRecord, Status
 from benchlib.suite import Suite, load_suite
-from benchlib.target import TargetRegistry
+from benchlib.target import Configurable, TargetRegistry, target_version
 
 EXIT_INTERRUPTED = 130
 
@@ -361,15 +361,24 @@ def _change(before: int, after: int) -> str:
 def targets() -> None:
     """List every registered target, its device kind, and why it cannot run here."""
     registry = TargetRegistry.from_entry_points()
-    rows: list[tuple[str, str, str, str | None]] = []
+    rows: list[TargetEntry] = []
     for name in registry.names():
         try:
             target = registry.get(name)
         except TargetUnavailable as exc:
-            rows.append((name, "?", "?", exc.reason))
+            rows.append(TargetEntry(name, "?", "?", None, exc.reason))
             continue
-        precisions = ", ".join(sorted(p.value for p in target.precisions))
-        rows.append((name, target.device_kind.value, precisions, target.unavailable_reason()))
+        rows.append(
+            TargetEntry(
+                name=name,
+                device=target.device_kind.value,
+                precisions=", ".join(sorted(p.value for p in target.precisions)),
+                version=target_version(target),
+                reason=target.unavailable_reason(),
+                sparse=target.exploits_sparsity,
+                options=tuple(target.options) if isinstance(target, Configurable) else (),
+            )
+        )
     Console().print(targets_table(rows))
 
 

@@ -12,6 +12,10 @@ cpu`` never imports TensorRT.
 A backend that runs on both the CPU and a GPU registers one target per device kind; the CUDA
 one carries the ``-cuda`` suffix (``torch-eager`` / ``torch-eager-cuda``), so that a target name
 alone says where a cell ran. The harness owns all timing and never branches on a target's name.
+
+A target may offer build options (``Configurable``): ``--targets torch-compile:max-autotune``
+names the target ``torch-compile`` built with its option ``max-autotune``; the whole word is the
+cell's target, so a report tells the two builds apart.
 """
 
 from __future__ import annotations
@@ -114,6 +118,27 @@ class Target(Protocol):
         ...
 
 
+@runtime_checkable
+class Configurable(Protocol):
+    """A target with named build options, chosen as ``NAME:OPTION`` in ``--targets``."""
+
+    options: ClassVar[Mapping[str, str]]
+    """Option name -> one line saying what it changes."""
+
+    def with_option(self, option: str) -> Target:
+        """This target built with ``option`` (one of ``options``)."""
+        ...
+
+
+OPTION_SEPARATOR = ":"
+
+
+def target_version(target: Target) -> str | None:
+    """The backend's version as the target reports it (``version()``), else None."""
+    version = getattr(target, "version", None)
+    return version() if callable(version) else None
+
+
 @dataclass(frozen=True)
 class Selection:
     """The outcome of expanding ``--targets``: what runs, and what was skipped and why."""
@@ -146,11 +171,24 @@ class TargetRegistry:
         return sorted(self._references)
 
     def get(self, name: str) -> Target:
-        """The target registered as ``name``; ConfigError listing the known names if none."""
-        if name not in self._references:
-            raise unknown_choice("target", name, [*self._references, "cpu", "gpu"])
+        """The target registered as ``name``, or ``NAME:OPTION`` built with that option.
+
+        ConfigError listing the known names (or the target's options) when there is none.
+        """
+        base, separator, option = name.partition(OPTION_SEPARATOR)
+        if base not in self._references:
+            raise unknown_choice("target", base, [*self._references, "cpu", "gpu"])
+        if base not in self._loaded:
+            self._loaded[base] = _instantiate(base, self._references[base])
+        target = self._loaded[base]
+        if not separator:
+            return target
+        if not isinstance(target, Configurable) or not target.options:
+            raise ConfigError(f"target {base!r} has no build options (got {option!r})")
+        if option not in target.options:
+            raise unknown_choice(f"option of target {base}", option, target.options)
         if name not in self._loaded:
-            self._loaded[name] = _instantiate(name, self._references[name])
+            self._loaded[name] = target.with_option(option)
         return self._loaded[name]
 
     def require(self, name: str) -> Target:

@@ -57,6 +57,18 @@ def test_speedup_above_theoretical_is_flagged() -> None:
     assert rows[1].flags == ("T>F: cache or step effect",)
 
 
+def test_a_variant_slower_than_dense_is_flagged() -> None:
+    rows = summarize_records(
+        [
+            record("dense", 0.010, 1000, target="cpu-sparse"),
+            record("l1:0.5", 0.012, 500, "cpu-sparse"),
+        ]
+    )
+    assert rows[1].flags == ("slower than dense",)
+    assert rows[1].realization is not None and rows[1].realization < 0
+    assert rows[0].flags == ()
+
+
 def test_failed_baseline_leaves_speedups_empty() -> None:
     failed = CellRecord(
         key=CellKey(model="m", spec="dense", target="t", batch_size=1, precision="fp32"),

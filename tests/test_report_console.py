@@ -11,6 +11,7 @@ from rich.console import Console, RenderableType
 from benchlib.analysis import summarize_records
 from benchlib.catalog import ZooEntry
 from benchlib.report.console import (
+    TargetEntry,
     fmt_count,
     fmt_latency,
     models_table,
@@ -94,12 +95,19 @@ def test_targets_and_models_tables() -> None:
     text = render(
         targets_table(
             [
-                ("torch-eager", "cpu", "bf16, fp32", None),
-                ("torch-eager-cuda", "cuda", "fp32", "no CUDA device"),
+                TargetEntry("torch-eager", "cpu", "bf16, fp32", "torch 2.14.1", None),
+                TargetEntry(
+                    "torch-compile", "cpu", "fp32", "torch 2.14.1", None, options=("max-autotune",)
+                ),
+                TargetEntry("cpu-sparse", "cpu", "fp32", "torch 2.14.1", None, sparse=True),
+                TargetEntry("torch-eager-cuda", "cuda", "fp32", None, "no CUDA device"),
             ]
         )
     )
     assert "available" in text and "no CUDA device" in text
+    assert "torch-compile [max-autotune]" in text and "torch 2.14.1" in text
+    sparse_row = next(line for line in text.splitlines() if "cpu-sparse" in line)
+    assert " yes " in sparse_row
     text = render(
         models_table(
             [

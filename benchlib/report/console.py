@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from rich import box
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from benchlib.analysis import Row
+from benchlib.analysis import ABOVE_THEORY, SLOWER_THAN_DENSE, Row
 from benchlib.catalog import ZooEntry
 
 LEGEND = (
@@ -24,7 +25,8 @@ LEGEND = (
     "layers only. Median: latency of one batch, with "
     "its bootstrap 95% CI. T = dense median / variant median on the same target and batch "
     "size (measured speedup). eta = (1 - 1/T) / (1 - 1/F): the share of the theoretical "
-    "saving that became real. ! marks T > F (a cache or step effect); ~ marks a suspect "
+    "saving that became real. ! marks T > F (a cache or step effect); x marks a variant slower "
+    "than its dense baseline; ~ marks a suspect "
     "measurement (CV over 10% on CPU, 2% on GPU, under 5 samples, far-out outliers, or the "
     "baseline drifting while its group ran: rerun on a quiet machine)."
 )
@@ -120,15 +122,18 @@ def latency_table(rows: Sequence[Row]) -> Table:
         for row in (r for r in rows if (r.batch_size, r.target) == (batch_size, target)):
             median, interval = _median_cells(row)
             eta = Text(fmt_ratio(row.realization, suffix=""))
-            if row.flags:
+            if ABOVE_THEORY in row.flags:
                 eta.append(" !", style="bold yellow")
+            speedup = Text(fmt_ratio(row.speedup_measured))
+            if SLOWER_THAN_DENSE in row.flags:
+                speedup.append(" x", style="bold red")
             table.add_row(
                 str(batch_size),
                 target,
                 Text(row.spec),
                 median,
                 interval,
-                fmt_ratio(row.speedup_measured),
+                speedup,
                 eta,
             )
     return table
@@ -171,22 +176,50 @@ def render_summary(rows: Sequence[Row]) -> Group:
     return Group(*parts)
 
 
-def targets_table(entries: Iterable[tuple[str, str, str, str | None]]) -> Table:
-    """``bench targets``: name, device kind, precisions, and why it cannot run (if so)."""
+@dataclass(frozen=True)
+class TargetEntry:
+    """One row of ``bench targets``."""
+
+    name: str
+    device: str
+    precisions: str
+    version: str | None
+    reason: str | None
+    """None when the target can run here, else what is missing."""
+    sparse: bool = False
+    """Whether the target exploits weight sparsity."""
+    options: tuple[str, ...] = ()
+
+
+def targets_table(entries: Iterable[TargetEntry]) -> Table:
+    """``bench targets``: name (with options), device kind, precisions, backend version, whether
+    it exploits sparsity, and why it cannot run here (if so)."""
     table = Table(
-        title="Registered targets",
+        title="Registered targets (options: --targets NAME:OPTION)",
         title_justify="left",
         box=box.SIMPLE_HEAD,
         pad_edge=False,
         collapse_padding=True,
     )
-    for header in ("Target", "Device", "Precisions", "Status"):
+    for header in ("Target", "Device", "Precisions", "Sparse", "Version", "Status"):
         table.add_column(header)
-    for name, kind, precisions, reason in entries:
+    for entry in entries:
         status = (
-            Text("available", style="green") if reason is None else Text(reason, style="yellow")
+            Text("available", style="green")
+            if entry.reason is None
+            else Text(entry.reason, style="yellow")
         )
-        table.add_row(name, kind, precisions, status)
+        name = Text(entry.name)
+        if entry.options:
+            name.append(f" [{', '.join(entry.options)}]", style="dim")
+        table.add_row(
+            name,
+            entry.device,
+            entry.precisions,
+            "yes" if entry.sparse else "",
+            entry.version or "-",
+            status,
+        )
     return table
 
 
