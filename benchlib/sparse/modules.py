@@ -1,0 +1,262 @@
+"""Inference-only sparse replacements for ``nn.Linear`` and ``nn.Conv2d``.
+
+Each layer becomes one sparse x dense matrix product ``W @ X``: ``W`` is the layer's weight as
+an (out, in * kh * kw) matrix held by a swappable **kernel** (an ``nn.Module`` that computes
+``W @ X`` and says what it stores), ``X`` the dense input rearranged as columns:
+
+* linear: ``X = x^T`` (in, batch);
+* 1x1 conv, no padding: the (C, N*H*W) view of the input (strides by slicing), no unfold;
+* any other conv (stride, padding, dilation, groups): ``F.unfold`` (im2col) columns, column
+  index ``c*kh*kw + i*kw + j``. Grouped and depthwise convs use one block-diagonal matrix over
+  all the unfolded columns, so every conv is a single product.
+
+``TorchSparseMatrix`` is the kernel here: PyTorch's CSR (or BSR) ``@`` on the CPU. A faster kernel
+only has to satisfy ``MatrixKernel``; the layer modules never look inside it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BETA_WARNING = r"Sparse (CSR|CSC|BSR|BSC) tensor support is in beta state"
+"""PyTorch warns once per process that its compressed sparse layouts are beta: that is a fact
+about PyTorch, not about this model, so it is silenced where the layouts are built."""
+
+
+@runtime_checkable
+class MatrixKernel(Protocol):
+    """A fixed sparse (M, K) matrix ``W`` that multiplies dense (K, N) fp32 matrices.
+
+    Implementations are ``nn.Module`` s (so ``.to``, ``deepcopy`` and ``state_dict`` carry their
+    tensors). ``__call__(X)`` returns the dense (M, N) product ``W @ X``.
+    """
+
+    name: str
+    """Short kernel name for reports, e.g. ``torch-csr``, ``torch-bsr-4x4``."""
+    format: str
+    """Storage format: ``csr`` or ``bsr``."""
+    shape: tuple[int, int]
+
+    def __call__(self, dense: torch.Tensor) -> torch.Tensor: ...
+
+    def stored_bytes(self) -> int:
+        """Bytes of every tensor the kernel keeps (values, column indices, row pointers)."""
+        ...
+
+
+class TorchSparseMatrix(nn.Module):
+    """``W`` in PyTorch's CSR layout, or BSR with ``block`` = (rows, cols), using ``torch``'s
+    sparse x dense product (MKL sparse BLAS on x86 builds).
+
+    Only nonzeros (CSR) or blocks holding a nonzero (BSR) are stored; indices are int32. The
+    compressed tensor is rebuilt from its three plain buffers at each call (about 2 us), since
+    PyTorch cannot deep-copy a sparse CSR tensor held as a buffer.
+    """
+
+    crow: torch.Tensor
+    col: torch.Tensor
+    values: torch.Tensor
+
+    def __init__(self, matrix: torch.Tensor, block: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        if matrix.dim() != 2:
+            raise ValueError(f"expected a 2-D weight matrix, got shape {tuple(matrix.shape)}")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=BETA_WARNING, category=UserWarning)
+            dense = matrix.detach()
+            compressed = dense.to_sparse_csr() if block is None else dense.to_sparse_bsr(block)
+        self.block = block
+        self.shape = (int(matrix.shape[0]), int(matrix.shape[1]))
+        self.name = "torch-csr" if block is None else f"torch-bsr-{block[0]}x{block[1]}"
+        self.format = "csr" if block is None else "bsr"
+        self.register_buffer("crow", compressed.crow_indices().to(torch.int32))
+        self.register_buffer("col", compressed.col_indices().to(torch.int32))
+        self.register_buffer("values", compressed.values().contiguous())
+
+    def compressed(self) -> torch.Tensor:
+        """The matrix as a PyTorch sparse CSR/BSR tensor (sharing this module's buffers)."""
+        layout = torch.sparse_csr if self.block is None else torch.sparse_bsr
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=BETA_WARNING, category=UserWarning)
+            return torch.sparse_compressed_tensor(
+                self.crow,
+                self.col,
+                self.values,
+                self.shape,
+                layout=layout,
+                check_invariants=False,  # valid by construction; a check costs O(nnz) per call
+            )
+
+    def forward(self, dense: torch.Tensor) -> torch.Tensor:
+        return self.compressed() @ dense
+
+    def stored_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.crow, self.col, self.values))
+
+    def extra_repr(self) -> str:
+        return f"{self.name}, shape={self.shape}, stored={self.values.numel()} values"
+
+
+KernelFactory = Callable[[torch.Tensor], MatrixKernel]
+"""Builds the kernel for one dense (M, K) weight matrix (``TorchSparseMatrix`` is one)."""
+
+
+def _checked(kernel: MatrixKernel, rows: int, cols: int) -> MatrixKernel:
+    if not isinstance(kernel, nn.Module):
+        raise TypeError(f"a sparse kernel must be an nn.Module, got {type(kernel).__name__}")
+    if tuple(kernel.shape) != (rows, cols):
+        raise ValueError(f"kernel shape {tuple(kernel.shape)} != weight matrix {(rows, cols)}")
+    return kernel
+
+
+class SparseLinear(nn.Module):
+    """``nn.Linear`` as ``y = (W @ x^T)^T + b`` with a sparse ``W``; input (*, in_features)."""
+
+    bias: torch.Tensor | None
+
+    def __init__(self, kernel: MatrixKernel, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = kernel.shape
+        self.kernel = _checked(kernel, self.out_features, self.in_features)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_dense(
+        cls, linear: nn.Linear, make_kernel: KernelFactory = TorchSparseMatrix
+    ) -> SparseLinear:
+        """The sparse form of ``linear`` (its weight and bias are copied)."""
+        return cls(make_kernel(linear.weight.detach()), linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        out = self.kernel(x.reshape(-1, self.in_features).t())
+        if self.bias is not None:
+            out = out.add_(self.bias.unsqueeze(1))
+        return out.t().contiguous().reshape(*lead, self.out_features)
+
+
+def conv_matrix(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """A conv weight (Cout, Cin/groups, kh, kw) as the dense (Cout, Cin*kh*kw) matrix that
+    multiplies ``F.unfold`` columns: block-diagonal over the groups."""
+    out_channels, per_group = weight.shape[0], weight[0].numel()
+    flat = weight.detach().reshape(out_channels, per_group)
+    if groups == 1:
+        return flat.clone()
+    matrix = flat.new_zeros(out_channels, per_group * groups)
+    rows = out_channels // groups
+    for g in range(groups):
+        span = slice(g * rows, (g + 1) * rows)
+        matrix[span, g * per_group : (g + 1) * per_group] = flat[span]
+    return matrix
+
+
+def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+class SparseConv2d(nn.Module):
+    """``nn.Conv2d`` (zeros padding) as one sparse x dense product; NCHW in, NCHW out.
+
+    ``padding`` is (top, bottom, left, right) in pixels, so ``"same"`` with an even kernel
+    (more padding after than before, as ``F.conv2d`` does) is exact too.
+    """
+
+    bias: torch.Tensor | None
+
+    def __init__(
+        self,
+        kernel: MatrixKernel,
+        bias: torch.Tensor | None,
+        *,
+        in_channels: int,
+        groups: int,
+        kernel_size: tuple[int, int],
+        stride: tuple[int, int],
+        padding: tuple[int, int, int, int],
+        dilation: tuple[int, int],
+    ) -> None:
+        super().__init__()
+        self.out_channels = kernel.shape[0]
+        self.in_channels, self.groups = in_channels, groups
+        self.kernel_size, self.stride, self.dilation = kernel_size, stride, dilation
+        self.padding = padding
+        k = kernel_size[0] * kernel_size[1]
+        self.kernel = _checked(kernel, self.out_channels, in_channels * k)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.pointwise = kernel_size == (1, 1) and not any(padding)
+
+    @classmethod
+    def from_dense(
+        cls, conv: nn.Conv2d, make_kernel: KernelFactory = TorchSparseMatrix
+    ) -> SparseConv2d:
+        """The sparse form of ``conv``: the kernel holds ``conv_matrix(conv.weight, groups)``.
+        Raises ValueError for a padding mode other than ``zeros``."""
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"padding_mode {conv.padding_mode!r} is not supported (only zeros)")
+        kh, kw = _pair(conv.kernel_size)
+        dilation = _pair(conv.dilation)
+        if isinstance(conv.padding, str):  # "valid", or "same" (stride 1): extra pixel after
+            same = conv.padding == "same"
+            th, tw = (dilation[0] * (kh - 1), dilation[1] * (kw - 1)) if same else (0, 0)
+            padding = (th // 2, th - th // 2, tw // 2, tw - tw // 2)
+        else:
+            ph, pw = _pair(conv.padding)
+            padding = (ph, ph, pw, pw)
+        return cls(
+            make_kernel(conv_matrix(conv.weight, conv.groups)),
+            conv.bias,
+            in_channels=conv.in_channels,
+            groups=conv.groups,
+            kernel_size=(kh, kw),
+            stride=_pair(conv.stride),
+            padding=padding,
+            dilation=dilation,
+        )
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """Output (height, width) in pixels for an input of (height, width)."""
+        top, bottom, left, right = self.padding
+        sizes = []
+        for size, pad, k, s, d in zip(
+            (height, width),
+            (top + bottom, left + right),
+            self.kernel_size,
+            self.stride,
+            self.dilation,
+            strict=True,
+        ):
+            sizes.append(math.floor((size + pad - d * (k - 1) - 1) / s) + 1)
+        return sizes[0], sizes[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        out_h, out_w = self.output_size(h, w)
+        if self.pointwise:
+            strided = x[:, :, :: self.stride[0], :: self.stride[1]]
+            columns = strided.transpose(0, 1).reshape(c, n * out_h * out_w)
+        else:
+            top, bottom, left, right = self.padding
+            if top == bottom and left == right:
+                padding: tuple[int, int] = (top, left)
+            else:
+                x, padding = F.pad(x, (left, right, top, bottom)), (0, 0)
+            unfolded = F.unfold(x, self.kernel_size, self.dilation, padding, self.stride)
+            columns = unfolded.transpose(0, 1).reshape(unfolded.shape[1], n * out_h * out_w)
+        out = self.kernel(columns)
+        if self.bias is not None:
+            out = out.add_(self.bias.unsqueeze(1))
+        return out.reshape(self.out_channels, n, out_h, out_w).transpose(0, 1).contiguous()
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+            f"groups={self.groups}"
+        )
