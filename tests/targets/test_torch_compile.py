@@ -49,6 +49,17 @@ def test_compile_happens_in_prepare_and_is_timed_apart() -> None:
         assert relative_error(prepared.run(), model(x)) < 1e-5
 
 
+def test_the_graph_cache_outcome_is_recorded() -> None:
+    """Whether a graph came from inductor's cache decides what compile_s means; frozen
+    graphs (the default here) bypass the cache, so every build generates its code."""
+    target = available()
+    model = Mlp(16).eval()
+    x = torch.randn(3, 8)
+    for _ in range(2):
+        cache = target.prepare(model, (x,), CPU, Precision.FP32).info["fx_graph_cache"]
+        assert cache == {"hits": 0, "misses": 0, "bypasses": 1}
+
+
 def test_graph_breaks_are_counted() -> None:
     target = available()
     model = Mlp(16, graph_break=True).eval()
