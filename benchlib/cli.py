@@ -376,7 +376,7 @@ def targets() -> None:
                 version=target_version(target),
                 reason=target.unavailable_reason(),
                 sparse=target.exploits_sparsity,
-                options=tuple(target.options) if isinstance(target, Configurable) else (),
+                options=dict(target.options) if isinstance(target, Configurable) else {},
             )
         )
     Console().print(targets_table(rows))

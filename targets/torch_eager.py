@@ -19,6 +19,9 @@ class TorchEager:
     precisions: ClassVar[frozenset[Precision]] = frozenset({Precision.FP32, Precision.BF16})
     exploits_sparsity: ClassVar[bool] = False
 
+    def version(self) -> str | None:
+        return f"torch {torch.__version__}"
+
     def unavailable_reason(self) -> str | None:
         return None
 

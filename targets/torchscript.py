@@ -27,6 +27,9 @@ class TorchScript:
     precisions: ClassVar[frozenset[Precision]] = frozenset({Precision.FP32})
     exploits_sparsity: ClassVar[bool] = False
 
+    def version(self) -> str | None:
+        return f"torch {torch.__version__}"
+
     def unavailable_reason(self) -> str | None:
         return None
 

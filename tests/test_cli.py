@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import onnxruntime
 import pytest
 import torch
 from click.testing import CliRunner
@@ -130,9 +131,11 @@ def test_verbose_shows_the_traceback(fast_suite: Path, tmp_path: Path) -> None:
 def test_targets_lists_every_target_with_reason() -> None:
     code, output = invoke("targets")
     assert code == 0
-    for name in ("torch-eager", "torchscript", "torch-eager-cuda", "torchscript-cuda"):
+    for name in ("torch-eager", "torchscript", "torch-compile", "onnxruntime", "tensorrt"):
         assert name in output
-    assert "available" in output
+    assert "torch-compile:max-autotune" in output  # the option, spelled as --targets takes it
+    assert f"onnxruntime {onnxruntime.__version__}" in output
+    assert "tensorrt package is not installed" in output or "TensorRT" in output
 
 
 def test_resume_takes_no_other_run_options(tmp_path: Path) -> None:

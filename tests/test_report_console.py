@@ -97,17 +97,23 @@ def test_targets_and_models_tables() -> None:
             [
                 TargetEntry("torch-eager", "cpu", "bf16, fp32", "torch 2.14.1", None),
                 TargetEntry(
-                    "torch-compile", "cpu", "fp32", "torch 2.14.1", None, options=("max-autotune",)
+                    "torch-compile",
+                    "cpu",
+                    "fp32",
+                    "torch 2.14.1",
+                    None,
+                    options={"max-autotune": "benchmarks kernels while compiling"},
                 ),
                 TargetEntry("cpu-sparse", "cpu", "fp32", "torch 2.14.1", None, sparse=True),
                 TargetEntry("torch-eager-cuda", "cuda", "fp32", None, "no CUDA device"),
             ]
         )
     )
-    assert "available" in text and "no CUDA device" in text
-    assert "torch-compile [max-autotune]" in text and "torch 2.14.1" in text
-    sparse_row = next(line for line in text.splitlines() if "cpu-sparse" in line)
-    assert " yes " in sparse_row
+    rows = {line.split()[0]: line.split() for line in text.splitlines() if line.strip()}
+    assert rows["cpu-sparse"][1:] == ["yes", "cpu", "fp32", "yes", "torch", "2.14.1"]
+    assert rows["torch-eager-cuda"][1:] == ["no", "cuda", "fp32", "-"]
+    assert "torch-eager-cuda: no CUDA device" in text
+    assert "option torch-compile:max-autotune: benchmarks kernels while compiling" in text
     text = render(
         models_table(
             [

@@ -9,8 +9,8 @@ number of targets.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from rich import box
 from rich.console import Group, RenderableType
@@ -188,39 +188,44 @@ class TargetEntry:
     """None when the target can run here, else what is missing."""
     sparse: bool = False
     """Whether the target exploits weight sparsity."""
-    options: tuple[str, ...] = ()
+    options: Mapping[str, str] = field(default_factory=dict)
+    """Build option -> what it changes (``--targets NAME:OPTION``)."""
 
 
-def targets_table(entries: Iterable[TargetEntry]) -> Table:
-    """``bench targets``: name (with options), device kind, precisions, backend version, whether
-    it exploits sparsity, and why it cannot run here (if so)."""
+def targets_table(entries: Iterable[TargetEntry]) -> Group:
+    """``bench targets``: per target its device kind, precisions, whether it exploits
+    sparsity, its backend's version and whether it runs here; below the table, why the others
+    cannot run, and the build options."""
+    entries = list(entries)
     table = Table(
-        title="Registered targets (options: --targets NAME:OPTION)",
+        title="Registered targets",
         title_justify="left",
         box=box.SIMPLE_HEAD,
         pad_edge=False,
         collapse_padding=True,
     )
-    for header in ("Target", "Device", "Precisions", "Sparse", "Version", "Status"):
-        table.add_column(header)
+    for header in ("Target", "Here", "Device", "Precisions", "Sparse"):
+        table.add_column(header, no_wrap=True)
+    table.add_column("Version", overflow="fold")
     for entry in entries:
-        status = (
-            Text("available", style="green")
-            if entry.reason is None
-            else Text(entry.reason, style="yellow")
-        )
-        name = Text(entry.name)
-        if entry.options:
-            name.append(f" [{', '.join(entry.options)}]", style="dim")
         table.add_row(
-            name,
+            entry.name,
+            Text("yes", style="green") if entry.reason is None else Text("no", style="yellow"),
             entry.device,
             entry.precisions,
             "yes" if entry.sparse else "",
             entry.version or "-",
-            status,
         )
-    return table
+    notes: list[RenderableType] = [table]
+    for entry in entries:
+        if entry.reason is not None:
+            notes.append(Text.assemble((entry.name, "bold"), f": {entry.reason}"))
+    for entry in entries:
+        for option, meaning in entry.options.items():
+            notes.append(
+                Text.assemble("option ", (f"{entry.name}:{option}", "bold"), f": {meaning}")
+            )
+    return Group(*notes)
 
 
 def models_table(entries: Iterable[ZooEntry]) -> Table:
