@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from benchlib.errors import ExportError
+from benchlib.pruning.masks import nm_violation
 
 if TYPE_CHECKING:
     import onnx
@@ -100,10 +101,9 @@ def two_four_sparse(weight: torch.Tensor) -> bool:
     dimension must be a multiple of 4, as that check assumes and benchlib's ``nm`` pruner
     requires; anything else (a 1-d tensor, Cin = 3) is not 2:4.
     """
-    if weight.dim() < 2 or weight.shape[1] == 0 or weight.shape[1] % 4 != 0:
+    if weight.dim() < 2 or weight.shape[1] == 0:
         return False
-    groups = weight.detach().movedim(1, -1).reshape(-1, 4)
-    return bool(((groups != 0).sum(dim=1) <= 2).all())
+    return nm_violation(weight, 2, 4) is None
 
 
 def two_four_layers(model: nn.Module) -> list[str]:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchlib.errors import ExportError
+from benchlib.pruning.masks import nm_violation
 from benchlib.target import DeviceKind, Precision, Prepared
 from targets._common import BoundInputs, cuda_unavailable_reason, place, synchronizer
 
@@ -130,15 +131,7 @@ def two_four_violation(matrix: torch.Tensor) -> str | None:
     """
     if matrix.dim() != 2:
         raise ValueError(f"expected an (out, in) matrix, got shape {tuple(matrix.shape)}")
-    rows, cols = matrix.shape
-    if cols % 4:
-        return f"{cols} input columns do not split into groups of 4"
-    counts = (matrix.detach().reshape(rows, cols // 4, 4) != 0).sum(dim=-1)
-    bad = (counts > 2).nonzero()
-    if bad.numel() == 0:
-        return None
-    row, group = (int(i) for i in bad[0])
-    return f"row {row} group {group} has {int(counts[row, group])} nonzeros"
+    return nm_violation(matrix, 2, 4)
 
 
 def is_two_four(matrix: torch.Tensor) -> bool:

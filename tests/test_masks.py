@@ -18,6 +18,7 @@ from benchlib.pruning.masks import (
     densities,
     magnitude_masks,
     nm_masks,
+    nm_violation,
     random_masks_like,
 )
 from benchlib.pruning.unstructured import layer_weights
@@ -218,3 +219,17 @@ def test_bad_mask_specs_are_one_line_config_errors(
     with pytest.raises(ConfigError, match=message) as caught:
         prune(tiny_model, spec)
     assert "\n" not in str(caught.value)
+
+
+def test_nm_violation_reads_the_layout_nm_masks_writes() -> None:
+    torch.manual_seed(0)
+    conv, linear = torch.randn(8, 16, 3, 3), torch.randn(6, 12)
+    masks = nm_masks({"conv": conv, "linear": linear}, 2, 4)
+    assert nm_violation(conv * masks["conv"], 2, 4) is None
+    assert nm_violation(linear * masks["linear"], 2, 4) is None
+    assert nm_violation(linear * masks["linear"], 1, 4) is not None
+    broken = linear * masks["linear"]
+    broken[3, 4:8] = 1.0  # row 3, group 1: four nonzeros
+    assert nm_violation(broken, 2, 4) == "row 3 group 1 has 4 nonzeros"
+    assert nm_violation(torch.zeros(4, 6), 2, 4) == "6 input columns do not split into groups of 4"
+    assert nm_violation(torch.zeros(4), 2, 4) == "a 1-d tensor has no input dimension"

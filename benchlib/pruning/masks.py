@@ -85,6 +85,27 @@ def nm_masks(weights: Mapping[str, torch.Tensor], n: int, m: int) -> dict[str, t
     return masks
 
 
+def nm_violation(weight: torch.Tensor, n: int, m: int) -> str | None:
+    """None when ``weight`` is N:M in ``nm_masks``' layout (at most ``n`` nonzeros in every
+    group of ``m`` consecutive input weights at one output channel and kernel position), else
+    where it first is not: ``"row 3 group 5 has 3 nonzeros"`` (0-based; a row is one output
+    channel at one kernel position, in (Cout, kh, kw) order; group 5 is inputs 20-23 for M=4),
+    or why no group exists (a 1-d tensor, an input dimension that is not a multiple of ``m``).
+    Sparse tensor cores (TensorRT, ``to_sparse_semi_structured``) read 2:4 this way.
+    """
+    if weight.dim() < 2:
+        return f"a {weight.dim()}-d tensor has no input dimension"
+    if not nm_fits(weight, m):
+        return f"{weight.shape[1]} input columns do not split into groups of {m}"
+    inner = weight.detach().movedim(1, -1)
+    counts = (inner.reshape(-1, inner.shape[-1] // m, m) != 0).sum(dim=-1)
+    bad = (counts > n).nonzero()
+    if bad.numel() == 0:
+        return None
+    row, group = (int(i) for i in bad[0])
+    return f"row {row} group {group} has {int(counts[row, group])} nonzeros"
+
+
 def block_fits(weight: torch.Tensor, rows: int, cols: int) -> bool:
     """Whether R x C blocks tile the (Cout, Cin*kh*kw) view of ``weight`` exactly."""
     return weight.shape[0] % rows == 0 and weight[0].numel() % cols == 0
