@@ -81,7 +81,7 @@ def onnx_unavailable_reason() -> str | None:
     try:
         import onnx  # noqa: F401
     except ImportError:
-        return "the onnx package is not installed: pip install 'benchlib[onnx]'"
+        return "the onnx package is not installed: pip install onnx"
     return None
 
 

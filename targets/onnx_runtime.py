@@ -46,7 +46,7 @@ def ort_unavailable_reason() -> str | None:
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
-        return "the onnxruntime package is not installed: pip install 'benchlib[onnx]'"
+        return "the onnxruntime package is not installed: pip install onnxruntime"
     return onnx_unavailable_reason()
 
 

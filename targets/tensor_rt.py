@@ -85,7 +85,7 @@ class TensorRT:
         try:
             import onnx  # noqa: F401
         except ImportError:
-            return "the onnx package is not installed (pip install 'benchlib[onnx]')"
+            return "the onnx package is not installed (pip install onnx)"
         problem = version_problem(trt.__version__) or cuda_unavailable_reason()
         if problem is not None:
             return problem

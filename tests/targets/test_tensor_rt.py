@@ -203,7 +203,7 @@ def test_each_missing_piece_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     assert target.version() == "TensorRT 10.5.0"
     monkeypatch.setitem(sys.modules, "onnx", None)
     assert target.unavailable_reason() == (
-        "the onnx package is not installed (pip install 'benchlib[onnx]')"
+        "the onnx package is not installed (pip install onnx)"
     )
     monkeypatch.setitem(sys.modules, "onnx", onnx)
     monkeypatch.setattr(tensor_rt, "cuda_unavailable_reason", lambda: "no CUDA device")
