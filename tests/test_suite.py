@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from benchlib.errors import ConfigError
-from benchlib.suite import Suite, load_suite
+from benchlib.suite import Suite, load_suite, suite_names
+from benchlib.target import TargetRegistry
 
 
 def test_quick_suite_is_the_documented_default() -> None:
@@ -22,7 +23,7 @@ def test_quick_suite_is_the_documented_default() -> None:
         "fpgm:0.5",
         "nm:2:4",
     )
-    assert quick.targets == ("cpu",)
+    assert quick.targets == ("torch-eager", "onnxruntime", "cpu-sparse")
     assert quick.batch_sizes == (1, 8)
 
 
@@ -66,3 +67,12 @@ def test_bad_suite_files(tmp_path: Path, text: str, message: str) -> None:
 def test_unknown_suite_name_lists_the_known_ones() -> None:
     with pytest.raises(ConfigError, match=r"unknown suite 'quik'; choose from: .*quick"):
         load_suite("quik")
+
+
+@pytest.mark.parametrize("name", suite_names())
+def test_every_shipped_suite_loads_and_names_registered_targets(name: str) -> None:
+    suite = load_suite(name)
+    registry = TargetRegistry.from_entry_points()
+    for word in suite.targets:
+        if word not in ("cpu", "gpu"):
+            registry.get(word)  # ConfigError for a name that is not registered
