@@ -10,18 +10,32 @@ target, batch size and precision:
 
 ``F_pruned`` restricts F to the layers the spec touched (the first conv and the classifier of
 a magnitude variant stay dense, so the whole-model F is lower than 1/(1-amount)).
+
+Roofline (``benchlib.roofline``): achieved FLOP/s = 2 x MACs per image (the variant's dense
+shapes: what dense kernels execute, zeros included) x batch size / median seconds per batch,
+and its share of the device's peak for the cell's precision, when the run's environment names
+a device the peak table knows (else None, printed "n/a").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from benchlib.harness.gpu import GpuSample, gpu_verdict_reasons
 from benchlib.harness.stats import Summary, summarize, verdict
 from benchlib.results import CellKey, CellRecord, Status
+from benchlib.roofline import (
+    DevicePeak,
+    achieved_flops_per_s,
+    device_name,
+    find_peak,
+    load_peaks,
+    roofline_share,
+)
 
 DENSE = "dense"
 
@@ -31,9 +45,12 @@ ABOVE_THEORY = "T>F: cache or step effect"
 SLOWER_THAN_DENSE = "slower than dense"
 """Flag of a pruned row that runs slower than its dense baseline (T < 1)."""
 
+
 @dataclass(frozen=True, kw_only=True)
 class Row:
-    """One cell of the summary: counts per image, latency in seconds, speedups as ratios."""
+    """One cell of the summary: counts per image, latency in seconds, speedups as ratios,
+    ``achieved_flops_per_s`` in FLOP/s and ``roofline_share`` a fraction of the device's peak
+    (None: unknown device, printed "n/a"); ``peak_device`` names the peak table's row used."""
 
     model: str
     spec: str
@@ -60,6 +77,9 @@ class Row:
     verdict: str
     verdict_reasons: tuple[str, ...]
     loops: int
+    achieved_flops_per_s: float | None = None
+    roofline_share: float | None = None
+    peak_device: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -136,12 +156,21 @@ def baselines(records: Iterable[CellRecord]) -> dict[Group, Baseline]:
     return found
 
 
-def summarize_records(records: Iterable[CellRecord]) -> list[Row]:
+def summarize_records(
+    records: Iterable[CellRecord],
+    environment: Mapping[str, Any] | None = None,
+    *,
+    peaks: tuple[DevicePeak, ...] | None = None,
+) -> list[Row]:
     """One row per cell (the closing dense measurement folds into the dense row), speedups
     taken against the group's dense baseline: its opening and closing samples pooled, so that
-    a linear drift of the machine cancels; a larger drift makes the whole group suspect."""
+    a linear drift of the machine cancels; a larger drift makes the whole group suspect.
+
+    ``environment`` is the run's fingerprint (run.json): with it, rows on a device in the peak
+    table (``peaks``, default the shipped one) get their roofline share."""
     records = list(records)
     bases = baselines(records)
+    table = peaks if peaks is not None else (load_peaks() if environment else ())
     rows = []
     for record in records:
         key = record.key
@@ -150,7 +179,17 @@ def summarize_records(records: Iterable[CellRecord]) -> list[Row]:
         base = bases.get(group_of(key))
         samples = base.samples if key.spec == DENSE and base else record.samples_s
         stats = summarize(samples) if record.status is Status.OK and samples else None
-        rows.append(_row(record, stats, base))
+        row = _row(record, stats, base)
+        peak = find_peak(device_name(environment, record.device), table)
+        achieved = achieved_flops_per_s(row.macs, row.batch_size, row.median_s)
+        rows.append(
+            dataclasses.replace(
+                row,
+                achieved_flops_per_s=achieved,
+                roofline_share=roofline_share(achieved, peak, row.precision),
+                peak_device=peak.name if peak is not None else None,
+            )
+        )
     return rows
 
 
