@@ -19,8 +19,9 @@ from typing import Any
 from benchlib.errors import ConfigError
 
 SCHEMA_VERSION = 1
-"""History: 1 - first version (prepare_s, clock, host_s, memory, gpu_before, gpu_after and
-the key's repeat were added with defaults, so every version-1 file still loads)."""
+"""History: 1 - first version (prepare_s, clock, host_s, memory, gpu_before, gpu_after,
+layer_profile and the key's repeat were added with defaults, so every version-1 file still
+loads)."""
 
 RESULTS_FILE = "results.jsonl"
 RUN_FILE = "run.json"
@@ -66,7 +67,8 @@ class CellRecord:
     call; neither is in the samples. ``clock`` says what timed the samples ("host", "cuda
     events"); ``host_s`` is the host's end-to-end seconds per inference on CUDA. ``memory``
     comes from a pass apart from timing (``benchlib.harness.memory``); ``gpu_before`` and
-    ``gpu_after`` are NVML samples.
+    ``gpu_after`` are NVML samples. ``layer_profile`` is the per-layer time of an eager cell
+    run with ``profile_layers`` (``benchlib.layer_profile.LayerProfile.to_dict``), else None.
     """
 
     key: CellKey
@@ -90,6 +92,7 @@ class CellRecord:
     memory: Mapping[str, Any] = field(default_factory=dict)
     gpu_before: Mapping[str, Any] | None = None
     gpu_after: Mapping[str, Any] | None = None
+    layer_profile: Mapping[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:

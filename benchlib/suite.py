@@ -4,7 +4,9 @@ A suite is a TOML file; ``load_suite("quick")`` finds ``benchmarks/suites/quick.
 current directory or in the benchlib checkout, and a path loads that file. Keys:
 
     name, description, models, specs, targets, batch_sizes, precisions, input_size, threads,
-    cell_timeout_s (the time limit of one cell's worker, seconds)
+    cell_timeout_s (the time limit of one cell's worker, seconds), profile_layers (true: also
+    profile each cell of a target that runs the module as written, per layer; see
+    ``benchlib.layer_profile``)
     [timing]  any field of ``TimingConfig``
 """
 
@@ -52,6 +54,7 @@ class Suite:
     trust: bool = False
     description: str = ""
     cell_timeout_s: float = 900.0
+    profile_layers: bool = False
     timing: TimingConfig = field(default_factory=TimingConfig)
 
     def __post_init__(self) -> None:
@@ -73,6 +76,10 @@ class Suite:
         ):
             raise ConfigError(
                 f"cell timeout {self.cell_timeout_s!r} must be a positive number of seconds"
+            )
+        if not isinstance(self.profile_layers, bool):
+            raise ConfigError(
+                f"suite {self.name!r}: profile_layers {self.profile_layers!r} must be true or false"
             )
         if not isinstance(self.timing, TimingConfig):
             raise ConfigError(f"suite {self.name!r}: [timing] must be a table of timing options")

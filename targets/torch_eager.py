@@ -18,6 +18,7 @@ class TorchEager:
     device_kind: ClassVar[DeviceKind] = DeviceKind.CPU
     precisions: ClassVar[frozenset[Precision]] = frozenset({Precision.FP32, Precision.BF16})
     exploits_sparsity: ClassVar[bool] = False
+    profiles_layers: ClassVar[bool] = True  # the module runs as written: its layers can be timed
 
     def version(self) -> str | None:
         return f"torch {torch.__version__}"
@@ -53,6 +54,7 @@ class TorchEagerCuda(TorchEager):
     name: ClassVar[str] = "torch-eager-cuda"
     device_kind: ClassVar[DeviceKind] = DeviceKind.CUDA
     precisions: ClassVar[frozenset[Precision]] = frozenset(Precision)
+    profiles_layers: ClassVar[bool] = True
 
     def unavailable_reason(self) -> str | None:
         return cuda_unavailable_reason()

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from benchlib import layer_profile
 from benchlib.errors import BenchError
 from benchlib.harness import gpu
 from benchlib.harness.memory import memory_pass
@@ -59,13 +60,17 @@ def run_cell(
     threads: int,
     clock: Clock = time.perf_counter_ns,
     idle_rss_bytes: int | None = None,
+    profile_layers: bool = False,
 ) -> CellRecord:
     """Measure one cell and return its record (ok, failed or skipped).
 
     Order: prepare (timed: the build/export/compile time); the first call, timed as the cold
     call and verified against eager fp32;
     warm-up and timing; then a separate memory pass (``idle_rss_bytes`` is the worker's RSS
-    before it built anything). On CUDA, NVML is sampled before and after.
+    before it built anything). On CUDA, NVML is sampled before and after. Last, with
+    ``profile_layers`` and a target whose ``profiles_layers`` class attribute says it runs the
+    module as written (eager), a profiled pass times each layer (``benchlib.layer_profile``),
+    apart from the samples.
     """
     start = time.perf_counter()
     device = device_for(target)
@@ -108,6 +113,18 @@ def run_cell(
             prepared.run, prepared.synchronize, device, rss_idle_bytes=idle_rss_bytes
         )
         gpu_after = gpu.sample(nvml) if nvml is not None else None
+        profile = (
+            layer_profile.profile_layers(
+                variant.module,
+                inputs,
+                device=device,
+                precision=precision,
+                flops=variant.flops,
+                pruned=variant.recipe.layers,
+            ).to_dict()
+            if profile_layers and getattr(target, "profiles_layers", False)
+            else None
+        )
     except BenchError as exc:
         return CellRecord(
             status=Status.FAILED,
@@ -137,6 +154,7 @@ def run_cell(
         memory=memory.to_dict(),
         gpu_before=gpu_before.to_dict() if gpu_before else None,
         gpu_after=gpu_after.to_dict() if gpu_after else None,
+        layer_profile=profile,
         duration_s=time.perf_counter() - start,
         **common,
     )

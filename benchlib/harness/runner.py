@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -230,7 +230,7 @@ class _Session:
         except KeyboardInterrupt:
             interrupted = True
         records = latest_records(directory / RESULTS_FILE)
-        rows = tuple(summarize_records(records))
+        rows = tuple(summarize_records(records, environment=_environment(directory)))
         write_json(directory / SUMMARY_FILE, [row.to_dict() for row in rows])
         return RunResult(directory, records, rows, self.planned.selection, interrupted)
 
@@ -272,6 +272,7 @@ class _Session:
                 timing=suite.timing,
                 threads=threads,
                 clock=self.clock,
+                profile_layers=suite.profile_layers,
             )
         job = CellJob(
             key=key,
@@ -284,8 +285,18 @@ class _Session:
             timing=suite.timing,
             threads=suite.threads,
             time_limit_s=suite.cell_timeout_s,
+            profile_layers=suite.profile_layers,
         )
         return run_in_worker(job)
+
+
+def _environment(directory: Path) -> dict[str, Any] | None:
+    """The environment fingerprint in the run folder's run.json (None when unreadable)."""
+    try:
+        environment = json.loads((directory / RUN_FILE).read_text(encoding="utf-8"))["environment"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return environment if isinstance(environment, dict) else None
 
 
 def measurement_order(suite: Suite, model: str | None = None) -> list[tuple[str, int]]:

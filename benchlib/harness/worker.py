@@ -42,6 +42,7 @@ class CellJob:
     timing: TimingConfig
     threads: int | None
     time_limit_s: float
+    profile_layers: bool = False
 
 
 def run_in_worker(job: CellJob) -> CellRecord:
@@ -144,5 +145,11 @@ def _work(job: CellJob) -> CellRecord:
     variant = replay(model, Recipe.from_dict(job.recipe))
     target = TargetRegistry(job.targets).get(job.key.target)
     return run_cell(
-        variant, target, job.key, timing=job.timing, threads=threads, idle_rss_bytes=idle_rss
+        variant,
+        target,
+        job.key,
+        timing=job.timing,
+        threads=threads,
+        idle_rss_bytes=idle_rss,
+        profile_layers=job.profile_layers,
     )
