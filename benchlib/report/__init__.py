@@ -1,1 +1,3 @@
-"""Renderers: pure functions from results to rich renderables (and, later, Markdown and plots)."""
+"""Renderers: pure functions from results to rich renderables (``console``), Markdown
+(``markdown``: ``write_report(run_dir)`` rewrites a run folder's report.md and plots) and PNG
+plots (``plots``, matplotlib imported lazily)."""
