@@ -21,7 +21,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from benchlib.archive import archive_metadata, save_pruned
 from benchlib.catalog import describe_zoo
 from benchlib.cli_common import INPUT_SIZE, OUT_ROOT, TRUST, WEIGHTS, handle_errors, si_count
+from benchlib.cli_compare import compare
+from benchlib.cli_explain import explain_command
 from benchlib.cli_lottery import lmc, lottery
+from benchlib.cli_report import report
 from benchlib.errors import ConfigError, TargetUnavailable
 from benchlib.flops import FlopReport
 from benchlib.harness.runner import plan, resume_run, run_suite
@@ -29,6 +32,7 @@ from benchlib.loading import load_model
 from benchlib.pruning import PruneSpec, Variant, parse_spec, prune, resolve, split_specs
 from benchlib.pruning.scoring import DATA_CRITERIA
 from benchlib.report.console import TargetEntry, models_table, render_summary, targets_table
+from benchlib.report.markdown import write_report
 from benchlib.results import CellKey, CellRecord, Status
 from benchlib.suite import Suite, load_suite
 from benchlib.target import Configurable, TargetRegistry, target_version
@@ -116,6 +120,11 @@ def bench(verbose: bool) -> None:
 @WEIGHTS
 @TRUST
 @click.option("--cell-timeout", type=float, help="Time limit of one cell's worker, in seconds.")
+@click.option(
+    "--profile-layers",
+    is_flag=True,
+    help="Also time each layer of eager cells with torch.profiler (see bench explain).",
+)
 @OUT_ROOT
 @click.option(
     "--resume",
@@ -167,6 +176,8 @@ def run(
     console.print(render_summary(result.rows))
     for line in _synthetic_lines(result.records):
         console.print(f"[bold yellow]warning[/bold yellow] {escape(line)}", soft_wrap=True)
+    for path in write_report(result.directory):
+        console.print(f"wrote {escape(str(path))}", soft_wrap=True)
     console.print(f"Run folder: {result.directory}")
     if result.interrupted:
         console.print(
@@ -189,6 +200,7 @@ def _suite(
     weights: Path | None,
     trust: bool,
     cell_timeout: float | None,
+    profile_layers: bool,
 ) -> Suite:
     """The named suite with the command line's overrides applied (and validated)."""
     overrides: dict[str, Any] = {
@@ -202,6 +214,7 @@ def _suite(
         "weights": str(weights) if weights is not None else None,
         "cell_timeout_s": cell_timeout,
         "trust": trust or None,
+        "profile_layers": profile_layers or None,
     }
     changes = {k: v for k, v in overrides.items() if v is not None}
     return dataclasses.replace(load_suite(suite_name), **changes)
@@ -394,6 +407,9 @@ def models() -> None:
 
 bench.add_command(lottery)
 bench.add_command(lmc)
+bench.add_command(report)
+bench.add_command(compare)
+bench.add_command(explain_command, name="explain")
 
 
 def main() -> None:

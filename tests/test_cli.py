@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from benchlib.cli import bench
+from benchlib.results import RESULTS_FILE, latest_records
 
 WITHOUT_GPU = pytest.mark.skipif(
     torch.cuda.is_available(), reason="checks what a machine without a CUDA GPU says"
@@ -47,7 +48,38 @@ def test_run_prints_the_table_and_writes_the_run_folder(fast_suite: Path, tmp_pa
     assert "tests.conftest:TinyNet - fp32" in output
     assert "magnitude:0.9" in output and "torch-eager" in output and "torchscript" in output
     (run_dir,) = (tmp_path / "r").iterdir()
-    assert {p.name for p in run_dir.iterdir()} == {"run.json", "results.jsonl", "summary.json"}
+    written = {p.name for p in run_dir.iterdir()}
+    assert written == {"run.json", "results.jsonl", "summary.json", "report.md"} | {
+        "speedup-tests.conftest-TinyNet.png"
+    }
+    assert "wrote " in output and "report.md" in output
+
+
+def test_profile_layers_feeds_explain_and_the_report(fast_suite: Path, tmp_path: Path) -> None:
+    code, output = invoke(
+        "run", "--suite", str(fast_suite), "--out", str(tmp_path / "r"), "--profile-layers"
+    )
+    assert code == 0, output
+    (run_dir,) = (tmp_path / "r").iterdir()
+    records = latest_records(run_dir / RESULTS_FILE)
+    profiled = {r.key.target for r in records if r.layer_profile is not None}
+    assert profiled == {"torch-eager"}  # TorchScript does not run the module as written
+    report = (run_dir / "report.md").read_text()
+    assert "### Why not more: per-layer profile" in report
+    plot = run_dir / "layers-tests.conftest-TinyNet-magnitude-0.9-torch-eager-bs1-fp32.png"
+    assert plot.stat().st_size > 1000 and f"]({plot.name})" in report
+    code, output = invoke(
+        "explain",
+        str(run_dir),
+        "--model",
+        "tests.conftest:TinyNet",
+        "--spec",
+        "magnitude:0.9",
+        "--target",
+        "torch-eager",
+    )
+    assert code == 0, output
+    assert "Layers by lost time" in output and "masked, not removed" in output
 
 
 @WITHOUT_GPU

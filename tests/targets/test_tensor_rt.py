@@ -202,9 +202,7 @@ def test_each_missing_piece_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_tensorrt(monkeypatch, "10.5.0")
     assert target.version() == "TensorRT 10.5.0"
     monkeypatch.setitem(sys.modules, "onnx", None)
-    assert target.unavailable_reason() == (
-        "the onnx package is not installed (pip install onnx)"
-    )
+    assert target.unavailable_reason() == ("the onnx package is not installed (pip install onnx)")
     monkeypatch.setitem(sys.modules, "onnx", onnx)
     monkeypatch.setattr(tensor_rt, "cuda_unavailable_reason", lambda: "no CUDA device")
     assert target.unavailable_reason() == "no CUDA device"
