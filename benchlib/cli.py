@@ -217,7 +217,17 @@ def _suite(
         "profile_layers": profile_layers or None,
     }
     changes = {k: v for k, v in overrides.items() if v is not None}
-    return dataclasses.replace(load_suite(suite_name), **changes)
+    suite = load_suite(suite_name)
+    if changes:  # the suite's own description no longer says what this run measures
+        given = ", ".join(f"{name}={_shown(value)}" for name, value in changes.items())
+        changes["description"] = f"the {suite.name} suite with {given} from the command line"
+    return dataclasses.replace(suite, **changes)
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
 
 
 def _skipped_lines(skipped: Mapping[str, str]) -> list[str]:

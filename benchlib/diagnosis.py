@@ -17,7 +17,8 @@ Tags state a counted or measured fact against a threshold (the constants below):
 * per-op overhead: F_l >= 2 but T_l <= SAME_SPEED on a layer under TINY_LAYER_S (such a
   layer gets no alignment or thin tag: its fixed cost explains it);
 * left dense (Amdahl): a layer with MACs that the spec did not change;
-* masked, not removed: at least MASKED_ZEROS of its MACs are zeros and T_l within SAME_SPEED;
+* masked, not removed: at least MASKED_ZEROS of its MACs are zeros and T_l <= SAME_SPEED (no
+  faster, or slower);
 * alignment: a channel count that is a multiple of ALIGN in the dense model and not in the
   variant, on a layer realizing under ETA_LOW;
 * thin: arithmetic intensity fell under THIN_RATIO of the dense layer's, eta_l under ETA_LOW;
@@ -81,7 +82,8 @@ class LayerFinding:
 @dataclass(frozen=True, kw_only=True)
 class Explanation:
     """A variant cell explained layer by layer. ``*_total_s`` are profiled seconds per
-    inference, ``*_median_s`` the unprofiled medians of the cells' samples."""
+    inference, ``*_median_s`` the medians of the cells' samples, ``*_unprofiled_s`` the
+    medians of the unprofiled inferences timed around each profile (None in older runs)."""
 
     key: CellKey
     clock: str
@@ -92,10 +94,22 @@ class Explanation:
     dense_median_s: float | None
     variant_median_s: float | None
     findings: tuple[str, ...]
+    dense_unprofiled_s: float | None = None
+    variant_unprofiled_s: float | None = None
 
     @property
     def coverage(self) -> float | None:
-        """Profiled total / unprofiled median of the variant: how well the layers add up."""
+        """Profiled total / end-to-end latency of the variant: how well the layers add up.
+        The latency is that of the unprofiled inferences interleaved with the profiled ones
+        where the profile has them, else the cell's median."""
+        reference = self.variant_unprofiled_s or self.variant_median_s
+        if not reference:
+            return None
+        return self.variant_total_s / reference
+
+    @property
+    def median_coverage(self) -> float | None:
+        """Profiled total / the cell's median (drift between the two passes shows here)."""
         if not self.variant_median_s:
             return None
         return self.variant_total_s / self.variant_median_s
@@ -148,6 +162,8 @@ def explain(variant: CellRecord, dense: CellRecord) -> Explanation:
         dense_median_s=_median(dense),
         variant_median_s=_median(variant),
         findings=findings,
+        dense_unprofiled_s=base.unprofiled_s,
+        variant_unprofiled_s=mine.unprofiled_s,
     )
 
 
@@ -226,7 +242,8 @@ def _tagged(f: LayerFinding, layer: LayerTime | None, before: LayerTime | None) 
         tags.append("per-op overhead")
     if layer is not None and layer.macs and not layer.pruned and f.name != OTHER:
         tags.append("left dense")
-    if layer is not None and layer.macs and same:
+    not_faster = f.speedup is not None and f.speedup <= SAME_SPEED
+    if layer is not None and layer.macs and not_faster:
         zeros = 1 - layer.nonzero_macs / layer.macs
         if zeros >= MASKED_ZEROS:
             tags.append(f"masked, not removed ({zeros:.0%} zeros)")
@@ -297,7 +314,7 @@ def _findings(found: Sequence[LayerFinding], whole: float | None) -> tuple[str, 
     if masked and removed > 0 and zeros / removed >= MASKED_SHARE:
         lines.append(
             f"masked, not removed: {zeros / removed:.0%} of the removed MACs are zeros that "
-            f"dense kernels still multiply ({_count(masked)} with T_l ~ 1)"
+            f"dense kernels still multiply ({_count(masked)} no faster than dense)"
         )
     for prefix, text in (
         ("channels", f"channels not a multiple of {ALIGN} (alignment)"),

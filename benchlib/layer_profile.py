@@ -16,12 +16,19 @@ kernels they launched (so a launch-bound model's layers add up to less than its 
 latency, and the ratio to the measured median says how much less). The profiler costs a few
 microseconds per operator: on sub-millisecond models the profiled total exceeds the unprofiled
 latency; the diagnosis shows that ratio.
+
+``unprofiled_s`` is the median wall time of as many unprofiled inferences, interleaved with
+the profiled ones in rounds of :data:`ROUND` (unprofiled, then profiled): the end-to-end latency
+the layers should add up to, measured at the same moments (a shared machine's speed drifts
+between the cell's timing and its profile, and within seconds).
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import statistics
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -40,9 +47,13 @@ OTHER = "(other: functional ops)"
 """The layer of everything that runs outside any layer module."""
 LAYER_PREFIX = "layer::"
 ITERATION = "benchlib::inference"
-PROFILE_ITERATIONS = 10
+PROFILE_ITERATIONS = 20
 """Profiled inferences per cell, after :data:`PROFILE_WARMUP` unprofiled ones."""
 PROFILE_WARMUP = 3
+ROUND = 2
+"""Profiled inferences per profiler session; each session follows as many unprofiled ones."""
+KINETO_QUIET = "6"
+"""Above Kineto's highest log level (its errors still reach Python as exceptions)."""
 WHOLE: tuple[type[nn.Module], ...] = (*DEFAULT_RULES, HeadPrunedAttention)
 """Module classes the FLOP count takes whole: their submodules are not layers of their own."""
 
@@ -79,12 +90,15 @@ class LayerTime:
 @dataclass(frozen=True, kw_only=True)
 class LayerProfile:
     """The layers of one cell in execution order, :data:`OTHER` last. ``clock`` says what
-    ``time_s`` counts ("cpu self time" or "cuda kernel time")."""
+    ``time_s`` counts ("cpu self time" or "cuda kernel time"); ``unprofiled_s`` is the median
+    seconds of the unprofiled inferences interleaved with the profiled ones (None in older
+    records)."""
 
     layers: tuple[LayerTime, ...]
     iterations: int
     batch_size: int
     clock: str
+    unprofiled_s: float | None = None
 
     @property
     def total_s(self) -> float:
@@ -117,6 +131,7 @@ class LayerProfile:
                 iterations=data["iterations"],
                 batch_size=data["batch_size"],
                 clock=data["clock"],
+                unprofiled_s=data.get("unprofiled_s"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"malformed layer profile: {exc!r}") from exc
@@ -273,23 +288,34 @@ def profile_layers(
     counts = {layer.name: layer for layer in flops.layers}
     layers = layer_modules(placed, counts)
     calls, moved = _shape_pass(layers, run)
-    handles = _attach_ranges(layers)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    try:
-        for _ in range(warmup):
-            run()
+    # Kineto (the profiler's backend) logs its stages to stderr, and on a CUDA build without
+    # a GPU an ERROR line per profile; it reads this when it starts. A user's setting wins.
+    os.environ.setdefault("KINETO_LOG_LEVEL", KINETO_QUIET)
+
+    def sync() -> None:
         if cuda:
             torch.cuda.synchronize(device)
-        with profile(activities=activities) as prof:
-            for _ in range(iterations):
-                with torch.profiler.record_function(ITERATION):
-                    run()
-                    if cuda:
-                        torch.cuda.synchronize(device)
-    finally:
-        for handle in handles:
-            handle.remove()
-    measured = attribute(prof.events(), device_time=cuda)
+
+    for _ in range(warmup):
+        run()
+    sync()
+    unprofiled: list[float] = []
+    measured: list[dict[str, float]] = []
+    for start in range(0, iterations, ROUND):
+        size = min(ROUND, iterations - start)
+        unprofiled += _wall_times(run, sync, size)  # without the ranges' hooks: plain inference
+        handles = _attach_ranges(layers)
+        try:
+            with profile(activities=activities) as prof:
+                for _ in range(size):
+                    with torch.profiler.record_function(ITERATION):
+                        run()
+                        sync()
+        finally:
+            for handle in handles:
+                handle.remove()
+        measured += attribute(prof.events(), device_time=cuda)
     per_iteration = _middle_half(measured)
     touched = set(pruned)
     rows = []
@@ -326,7 +352,19 @@ def profile_layers(
         iterations=len(measured),
         batch_size=int(args[0].shape[0]) if args and args[0].dim() else 1,
         clock="cuda kernel time" if cuda else "cpu self time",
+        unprofiled_s=statistics.median(unprofiled),
     )
+
+
+def _wall_times(run: Callable[[], Any], sync: Callable[[], None], count: int) -> list[float]:
+    """Seconds of each of ``count`` unprofiled inferences, synchronised."""
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def _middle_half(per_iteration: list[dict[str, float]]) -> list[dict[str, float]]:

@@ -60,12 +60,8 @@ def header(row: Row, explanation: Explanation | None) -> Text:
     peak = f" of the {row.peak_device} peak" if row.peak_device else " (device not in the table)"
     text.append(f"achieved {_flops(row.achieved_flops_per_s)}; roofline share {share}{peak}\n")
     if explanation is not None:
-        coverage = explanation.coverage
-        dense = explanation.dense_median_s
         text.append(
-            f"profiled layers ({explanation.clock}) add up to {_ms(explanation.variant_total_s)}"
-            f" = {_ratio(coverage, '')} x the measured median"
-            f" (dense: {_ms(explanation.dense_total_s)} against {_ms(dense)})\n"
+            f"profiled layers ({explanation.clock}) add up to {coverage_text(explanation)}\n"
         )
         expected = sum(f.expected_s for f in explanation.layers)
         lost = explanation.variant_total_s - expected
@@ -79,6 +75,23 @@ def header(row: Row, explanation: Explanation | None) -> Text:
             names = ", ".join(f"{f.name} ({_ms(f.lost_s)})" for f in held)
             text.append(f", most in: {names}")
     return text
+
+
+def coverage_text(explanation: Explanation) -> str:
+    """How well the profiled layers add up to the end-to-end latency, in one clause: against
+    the unprofiled inferences interleaved with the profiled ones (when the profile has them) and
+    against the cell's median, for the variant and its dense baseline."""
+    e = explanation
+    total = _ms(e.variant_total_s)
+    if e.variant_unprofiled_s:
+        dense = f"{_ms(e.dense_total_s)} against {_ms(e.dense_unprofiled_s)}"
+        return (
+            f"{total} = {_ratio(e.coverage, '')} x the {_ms(e.variant_unprofiled_s)} of "
+            f"unprofiled inferences interleaved with the profiled ones (dense: {dense}); "
+            f"{_ratio(e.median_coverage, '')} x the cell's median"
+        )
+    dense = f"{_ms(e.dense_total_s)} against {_ms(e.dense_median_s)}"
+    return f"{total} = {_ratio(e.coverage, '')} x the measured median (dense: {dense})"
 
 
 def layer_table(explanation: Explanation, top: int = 15) -> Table:

@@ -29,7 +29,13 @@ from benchlib.report.console import (
     suspects_grid,
     variants_grid,
 )
-from benchlib.report.layers import LAYER_LEGEND, layer_grid, layers_plot_name, plot_layers
+from benchlib.report.layers import (
+    LAYER_LEGEND,
+    coverage_text,
+    layer_grid,
+    layers_plot_name,
+    plot_layers,
+)
 from benchlib.report.plots import matplotlib_missing, read_accuracy, write_plots
 from benchlib.results import RESULTS_FILE, RUN_FILE, CellRecord, latest_records
 
@@ -165,12 +171,10 @@ def _layers_section(explained: Sequence[Explanation], plotted: set[str]) -> list
     time against their FLOP count, and the per-layer plot (``bench explain`` has it all)."""
     parts = ["### Why not more: per-layer profile\n"]
     for explanation in explained:
-        covered = explanation.coverage
-        share = f"{covered:.2f}" if covered is not None else "n/a"
         key = explanation.key
         parts.append(
             f"**{_cell(key.spec)}** on {key.target}, batch {key.batch_size}: the profiled "
-            f"layers ({explanation.clock}) add up to {share} x the measured median.\n"
+            f"layers ({explanation.clock}) add up to {coverage_text(explanation)}.\n"
         )
         parts += [f"- {_cell(line)}" for line in explanation.findings]
         if explanation.findings:
