@@ -79,7 +79,10 @@ def test_profile_layers_feeds_explain_and_the_report(fast_suite: Path, tmp_path:
         "torch-eager",
     )
     assert code == 0, output
-    assert "Layers by lost time" in output and "masked, not removed" in output
+    # only what the MAC counts decide: which tags fire on TinyNet's microsecond layers is noise
+    assert "Layers by lost time" in output and "left dense" in output
+    conv2 = next(line for line in output.splitlines() if line.lstrip().startswith("conv2 "))
+    assert "10.02x" in conv2  # conv2's F: 90% of its weights zeroed, MACs counted per weight
 
 
 @WITHOUT_GPU
