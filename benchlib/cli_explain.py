@@ -7,7 +7,6 @@ rendering in ``benchlib.report.layers``.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,9 +16,9 @@ from typing import Any
 import click
 from rich.console import Console
 
-from benchlib.analysis import DENSE, Row, summarize_records
+from benchlib.analysis import Row, summarize_records
 from benchlib.cli_common import handle_errors
-from benchlib.diagnosis import Explanation, cell_findings, explain
+from benchlib.diagnosis import Explanation, cell_findings, explain, profiled_baseline
 from benchlib.errors import ConfigError, unknown_choice
 from benchlib.report.layers import explain_view, plot_layers
 from benchlib.results import RESULTS_FILE, RUN_FILE, CellKey, CellRecord, latest_records
@@ -115,8 +114,7 @@ def explain_cell(
     record = chosen[0]
     rows = summarize_records(records, environment)
     row = next(r for r in rows if _same(r, record.key))
-    dense_key = dataclasses.replace(record.key, spec=DENSE)
-    base = next((r for r in records if r.key == dense_key), None)
+    base = profiled_baseline(records, record.key)
     profiled = tuple(dict.fromkeys(r.key.target for r in records if r.layer_profile is not None))
     notes = cell_findings(record, row)
     if record.layer_profile is None or base is None or base.layer_profile is None:

@@ -167,20 +167,34 @@ def explain(variant: CellRecord, dense: CellRecord) -> Explanation:
     )
 
 
+def profiled_baseline(records: Sequence[CellRecord], key: CellKey) -> CellRecord | None:
+    """The profiled dense cell to explain the variant cell ``key`` against: of the dense
+    measurements of its group (the opening one and the repeat after the variants), the one
+    whose interleaved unprofiled latency is lowest, as interference only ever adds time (a
+    profile without that latency counts as slowest); None when no dense cell was profiled."""
+    dense_key = dataclasses.replace(key, spec=DENSE, repeat=0)
+    profiled = [
+        r
+        for r in records
+        if dataclasses.replace(r.key, repeat=0) == dense_key and r.layer_profile is not None
+    ]
+
+    def latency(record: CellRecord) -> float:
+        seconds = (record.layer_profile or {}).get("unprofiled_s")
+        return float(seconds) if seconds is not None else float("inf")
+
+    return min(profiled, key=latency, default=None)
+
+
 def explain_run(records: Sequence[CellRecord]) -> list[Explanation]:
     """Every variant cell of a run that was profiled, explained against its profiled dense
-    cell (the opening one, repeat 0), in the run's order; cells without either profile are
+    cell (:func:`profiled_baseline`), in the run's order; cells without either profile are
     left out."""
-    dense = {
-        r.key: r
-        for r in records
-        if r.key.spec == DENSE and not r.key.repeat and r.layer_profile is not None
-    }
     found = []
     for record in records:
         if record.key.spec == DENSE or record.key.repeat or record.layer_profile is None:
             continue
-        base = dense.get(dataclasses.replace(record.key, spec=DENSE))
+        base = profiled_baseline(records, record.key)
         if base is not None:
             found.append(explain(record, base))
     return found

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from benchlib.cli_explain import explain_command
-from benchlib.diagnosis import Explanation, explain
+from benchlib.diagnosis import Explanation, explain, explain_run, profiled_baseline
 from benchlib.layer_profile import OTHER, LayerProfile, LayerTime
 from benchlib.results import RESULTS_FILE, RUN_FILE, CellKey, CellRecord, Status, append_record
 
@@ -38,7 +38,9 @@ VARIANT = {
 }
 
 
-def profile(layers: dict[str, tuple[Any, ...]]) -> dict[str, Any]:
+def profile(
+    layers: dict[str, tuple[Any, ...]], unprofiled_s: float | None = None
+) -> dict[str, Any]:
     return LayerProfile(
         layers=tuple(
             LayerTime(
@@ -57,6 +59,7 @@ def profile(layers: dict[str, tuple[Any, ...]]) -> dict[str, Any]:
         iterations=10,
         batch_size=1,
         clock="cpu self time",
+        unprofiled_s=unprofiled_s,
     ).to_dict()
 
 
@@ -68,6 +71,7 @@ def cell(
     target: str = "torch-eager",
     repeat: int = 0,
     info: dict[str, Any] | None = None,
+    unprofiled_s: float | None = None,
 ) -> CellRecord:
     source = layers or (DENSE if spec == "dense" else VARIANT)
     return CellRecord(
@@ -82,7 +86,7 @@ def cell(
             "nonzero_macs": sum(v[2] for v in source.values()),
         },
         info=info or {},
-        layer_profile=profile(layers) if layers else None,
+        layer_profile=profile(layers, unprofiled_s) if layers else None,
     )
 
 
@@ -145,6 +149,24 @@ def test_a_masked_variant_says_its_zeros_are_still_multiplied() -> None:
         line.startswith("masked, not removed: 100% of the removed MACs are zeros")
         for line in found.findings
     )
+
+
+def test_the_quieter_dense_profile_is_the_baseline() -> None:
+    # the opening dense cell ran under interference (3x slower); its repeat after the
+    # variants did not: the variant is explained against the repeat
+    slow = {name: (*v[:3], v[3] * 3, *v[4:]) for name, v in DENSE.items()}
+    records = [
+        cell("dense", slow, 0.354, unprofiled_s=0.350),
+        cell("l1:0.5", VARIANT, 0.080, unprofiled_s=0.081),
+        cell("dense", DENSE, 0.118, repeat=1, unprofiled_s=0.117),
+    ]
+    assert profiled_baseline(records, records[1].key) is records[2]
+    (found,) = explain_run(records)
+    assert found.dense_total_s == pytest.approx(sum(v[3] for v in DENSE.values()))
+    # a profile without its unprofiled latency (an older run) counts as the slowest
+    records[2] = cell("dense", DENSE, 0.118, repeat=1)
+    assert profiled_baseline(records, records[1].key) is records[0]
+    assert profiled_baseline(records[1:2], records[1].key) is None
 
 
 def write_run(directory: Path, records: list[CellRecord]) -> Path:
