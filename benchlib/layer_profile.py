@@ -301,7 +301,7 @@ def profile_layers(
         run()
     sync()
     unprofiled: list[float] = []
-    measured: list[dict[str, float]] = []
+    sessions: list[profile] = []  # read after the last round: no Python work between rounds
     for start in range(0, iterations, ROUND):
         size = min(ROUND, iterations - start)
         unprofiled += _wall_times(run, sync, size)  # without the ranges' hooks: plain inference
@@ -315,7 +315,8 @@ def profile_layers(
         finally:
             for handle in handles:
                 handle.remove()
-        measured += attribute(prof.events(), device_time=cuda)
+        sessions.append(prof)
+    measured = [times for p in sessions for times in attribute(p.events(), device_time=cuda)]
     per_iteration = _middle_half(measured)
     touched = set(pruned)
     rows = []
