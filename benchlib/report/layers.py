@@ -233,7 +233,8 @@ def plot_layers(explanation: Explanation, path: Path, *, label: int = 5) -> Path
         axes.set_title(f"{key.model} {key.spec}, {key.target} bs{key.batch_size} {key.precision}")
         axes.set_xlabel("share of the model's MACs (%)")
         axes.set_ylabel(f"share of the model's time (%, {explanation.clock})")
-        axes.legend(loc="upper left")
+        # below the axes: inside, it hides memory-bound layers (upper left) or unpruned ones
+        axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncols=3, fontsize=8)
         figure.tight_layout()
         try:
             figure.savefig(path, format="png")
