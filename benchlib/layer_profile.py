@@ -301,7 +301,7 @@ def profile_layers(
         run()
     sync()
     unprofiled: list[float] = []
-    sessions: list[profile] = []  # read after the last round: no Python work between rounds
+    sessions: list[Any] = []  # read after the last round: no Python work between rounds
     for start in range(0, iterations, ROUND):
         size = min(ROUND, iterations - start)
         unprofiled += _wall_times(run, sync, size)  # without the ranges' hooks: plain inference
