@@ -4,26 +4,33 @@
 ``nn.Linear`` whose weight density (nonzeros / numel) is at most ``threshold`` by a
 ``SparseConv2d`` / ``SparseLinear``; the other layers stay dense, and the report says why.
 
-Default threshold, measured: ``SparseConv2d`` / ``SparseLinear`` (CSR) against the dense
-``nn`` layer, random unstructured masks, batch 1, 2 threads, ``torch.inference_mode``, torch
-2.14.1 CPU (MKL) on a 2-core AMD EPYC; median of 200 interleaved calls (min within 6%)::
+Kernels: ``choose_kernel`` gives benchlib's native kernels (``NativeSparseMatrix``: CSR, or BSR
+Rx1 for a weight pruned in blocks of R rows, R in 2/4/8; a 3x3 conv runs directly on its padded
+input, no im2col) where they build, else PyTorch's CSR / BSR product (``choose_torch_kernel``),
+and the report says why.
 
-    layer (ResNet-50 shape)      dense ms   sparse ms at density  0.5    0.3    0.1    0.05
-    conv 1x1 256->64 @ 56x56       0.59                           1.56   0.98   0.38   0.20
-    conv 3x3 128->128 @ 28x28      1.11                           4.18   2.83   1.55   1.17
-    linear 2048->1000              0.15                           0.51   0.32   0.13   0.08
+Thresholds, measured with ``benchmarks/sparse_kernels.py`` (ResNet-50's layer shapes, batch 1,
+random unstructured masks, 2 threads, torch 2.14.1 on a 2-core AMD EPYC with AVX-512; whole
+layers, medians of 60 interleaved calls; the ratio dense / native, above 1 the sparse layer is
+faster; this shared VM's runs differ by up to 20%, a few single rows by more)::
 
-At density 0.1 the 1x1 conv runs 1.6x and the linear layer 1.15x faster than dense; at 0.15
-the linear layer already loses (0.89x; the 1x1 conv still wins, 1.08x). The 3x3 conv spends
-0.6 ms of its time in im2col (``F.unfold``) and is 0.71x at 0.1, 0.97x at 0.05. So 0.1, the
-largest measured density at which sparse wins, is ``DEFAULT_THRESHOLD``; a per-layer choice
-(and a 3x3 kernel without im2col) is the fast-kernel issue's job.
+    layer (ResNet-50 shape)     dense ms   dense / native at sparsity   0.5    0.7    0.9
+    conv 1x1 256->64 @56          0.35                                  0.86   1.69   4.23
+    conv 3x3 64->64 @56           0.67                                  0.89   1.27   2.90
+    conv 3x3/2 128->128 @56       0.69                                  0.73   1.07   2.23
+    conv 1x1 1024->256 @14        0.43                                  0.75   1.49   4.49
+    conv 3x3/2 512->512 @14       1.13                                  1.22   1.70   3.52
+    linear 2048->1000             0.13                                  1.19   1.50   2.57
 
-BSR: the pattern of ``block:RxC`` pruning is detected (``detect_block``), but PyTorch's CPU
-BSR product (MKL) refuses non-square blocks, so the 4x1 / 8x1 blocks of the usual specs run as
-CSR. Square blocks run as BSR (``BSR_BLOCKS``): on the two conv shapes above
-(GEMM only), block densities 0.3 / 0.1 / 0.05, BSR took 0.57-0.88x the time of CSR in 15 of
-18 cases (2x2, 4x4, 8x8) and 0.97-1.31x in the other three (the 1x1 shape at 0.05 / 0.1).
+At density 0.3 every measured layer shape ran faster sparse (the closest, the strided 3x3 at
+56x56, by 1.06-1.12x); at 0.5 most lose. So ``DEFAULT_THRESHOLD`` (``sparsify`` by density
+alone) is 0.3, and ``CANDIDATE_THRESHOLD`` 0.5 is the gate of ``cpu-sparse``, which then keeps
+a candidate sparse only where it times faster on its real input (``tune.keep_faster``: the
+break-even density moves with the shape and the machine).
+
+PyTorch's BSR: its CPU product (MKL) refuses non-square blocks, so ``choose_torch_kernel`` runs
+4x1 / 8x1 as CSR and square blocks as BSR (``BSR_BLOCKS``: 0.57-0.88x the time of CSR in 15 of
+18 measured cases).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import torch
 from torch import nn
 
 from benchlib.errors import ConfigError, ExportError
+from benchlib.sparse.build import NativeUnavailable, load_library
 from benchlib.sparse.modules import (
     KernelFactory,
     MatrixKernel,
@@ -44,9 +52,12 @@ from benchlib.sparse.modules import (
     TorchSparseMatrix,
     conv_matrix,
 )
+from benchlib.sparse.native import NativeSparseMatrix
 
-DEFAULT_THRESHOLD = 0.1
-"""Layers with weight density <= this run sparse (measured above, PyTorch CSR on 2 threads)."""
+DEFAULT_THRESHOLD = 0.3
+"""``sparsify`` runs layers of weight density <= this sparse (measured above: all faster)."""
+CANDIDATE_THRESHOLD = 0.5
+"""``cpu-sparse`` times layers of weight density <= this, dense against sparse (above)."""
 
 BLOCK_SHAPES: tuple[tuple[int, int], ...] = (
     (8, 8), (4, 4), (8, 1), (1, 8), (2, 2), (4, 1), (1, 4), (2, 1), (1, 2),
@@ -55,6 +66,9 @@ BLOCK_SHAPES: tuple[tuple[int, int], ...] = (
 
 BSR_BLOCKS: frozenset[tuple[int, int]] = frozenset({(8, 8), (4, 4), (2, 2)})
 """Block shapes stored as BSR: those where PyTorch's CPU BSR product beat CSR, measured."""
+
+NATIVE_BLOCK_ROWS: frozenset[int] = frozenset({8, 4, 2})
+"""Detected block heights the native kernels run as BSR Rx1 (measured faster than CSR)."""
 
 
 def detect_block(matrix: torch.Tensor) -> tuple[int, int] | None:
@@ -73,9 +87,15 @@ def detect_block(matrix: torch.Tensor) -> tuple[int, int] | None:
     return None
 
 
-def choose_kernel(matrix: torch.Tensor) -> MatrixKernel:
-    """The default kernel for a weight matrix: BSR when its pattern is made of blocks in
-    ``BSR_BLOCKS`` and this PyTorch build multiplies BSR on the CPU, else CSR."""
+def native_block_rows(block: tuple[int, int] | None) -> int:
+    """The block height ``NativeSparseMatrix`` stores a matrix of detected ``block`` with: an
+    R x C pattern is also an R x 1 one, and R in ``NATIVE_BLOCK_ROWS`` runs as BSR Rx1."""
+    return block[0] if block is not None and block[0] in NATIVE_BLOCK_ROWS else 1
+
+
+def choose_torch_kernel(matrix: torch.Tensor) -> TorchSparseMatrix:
+    """PyTorch's product: BSR when the matrix's pattern is made of blocks in ``BSR_BLOCKS``
+    and this PyTorch build multiplies BSR on the CPU, else CSR."""
     block = detect_block(matrix)
     if block in BSR_BLOCKS:
         kernel = TorchSparseMatrix(matrix, block)
@@ -85,6 +105,20 @@ def choose_kernel(matrix: torch.Tensor) -> MatrixKernel:
             return TorchSparseMatrix(matrix)
         return kernel
     return TorchSparseMatrix(matrix)
+
+
+def choose_kernel(matrix: torch.Tensor) -> MatrixKernel:
+    """The default kernel for a weight matrix: benchlib's native kernels (``NativeSparseMatrix``,
+    CSR or BSR Rx1 after ``native_block_rows``) where they build, else ``choose_torch_kernel``."""
+    if isinstance(load_library(), NativeUnavailable):
+        return choose_torch_kernel(matrix)
+    return NativeSparseMatrix(matrix, native_block_rows(detect_block(matrix)))
+
+
+def native_unavailable() -> str | None:
+    """Why the native kernels cannot run in this process (one line), or None when they can."""
+    loaded = load_library()
+    return loaded.reason if isinstance(loaded, NativeUnavailable) else None
 
 
 @dataclass(frozen=True)
@@ -157,13 +191,18 @@ def _convert(
     elif why_dense is None and isinstance(module, nn.Linear):
         replacement = SparseLinear.from_dense(module, make_kernel)
         kernel = replacement.kernel
+    reason = why_dense or f"density {density:.3g} <= threshold {threshold:g}"
+    if isinstance(kernel, TorchSparseMatrix) and make_kernel is choose_kernel:
+        reason += (
+            f"; {kernel.name} because the native kernels are unavailable: {native_unavailable()}"
+        )
     report = LayerReport(
         name=name,
         kind="linear" if isinstance(module, nn.Linear) else type(module).__name__.lower(),
         shape=tuple(weight.shape),
         density=density,
         sparse=kernel is not None,
-        reason=why_dense or f"density {density:.3g} <= threshold {threshold:g}",
+        reason=reason,
         format="dense" if kernel is None else kernel.format,
         kernel=None if kernel is None else kernel.name,
         block=None if block is None else f"{block[0]}x{block[1]}",

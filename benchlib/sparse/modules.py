@@ -12,6 +12,11 @@ an (out, in * kh * kw) matrix held by a swappable **kernel** (an ``nn.Module`` t
 
 ``TorchSparseMatrix`` is the kernel here: PyTorch's CSR (or BSR) ``@`` on the CPU. A faster kernel
 only has to satisfy ``MatrixKernel``; the layer modules never look inside it.
+
+A kernel that is also a ``GatherKernel`` (``NativeSparseMatrix``) is used without im2col: a
+conv reads its input through one offset per stored weight (``direct.ConvLayout``: the input in
+place, or padded, or split into stride phases), and a small-batch linear layer multiplies its
+row-major input as it is. Inputs the gather kernel does not take (not fp32) use the product.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from benchlib.sparse.direct import ConvLayout
 
 BETA_WARNING = r"Sparse (CSR|CSC|BSR|BSC) tensor support is in beta state"
 """PyTorch warns once per process that its compressed sparse layouts are beta: that is a fact
@@ -104,6 +111,48 @@ class TorchSparseMatrix(nn.Module):
         return f"{self.name}, shape={self.shape}, stored={self.values.numel()} values"
 
 
+@runtime_checkable
+class GatherKernel(Protocol):
+    """A ``MatrixKernel`` that also reads its dense operand through per-entry offsets (the
+    contract of ``NativeSparseMatrix.gather`` and ``.rows``, documented there)."""
+
+    name: str
+    format: str
+    shape: tuple[int, int]
+    col: torch.Tensor
+    """int32: the matrix column of each stored entry."""
+
+    def __call__(self, dense: torch.Tensor) -> torch.Tensor: ...
+
+    def stored_bytes(self) -> int: ...
+
+    def accepts(self, *tensors: torch.Tensor) -> bool:
+        """True when ``gather`` and ``rows`` run on these tensors (fp32 on the CPU)."""
+        ...
+
+    def gather(
+        self,
+        source: torch.Tensor,
+        offsets: torch.Tensor,
+        columns: int,
+        pitch: int,
+        row_length: int,
+        out: torch.Tensor,
+        bias: torch.Tensor | None,
+        relu: bool = False,
+        *,
+        check: bool = True,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
+
+    def linear(
+        self, x: torch.Tensor, bias: torch.Tensor | None, relu: bool = False
+    ) -> torch.Tensor:
+        """``act(x @ W^T + bias)`` for a row-major (batch, K) ``x``, any dtype: what
+        ``accepts`` refuses goes through a slower exact product."""
+        ...
+
+
 KernelFactory = Callable[[torch.Tensor], MatrixKernel]
 """Builds the kernel for one dense (M, K) weight matrix (``TorchSparseMatrix`` is one)."""
 
@@ -117,7 +166,10 @@ def _checked(kernel: MatrixKernel, rows: int, cols: int) -> MatrixKernel:
 
 
 class SparseLinear(nn.Module):
-    """``nn.Linear`` as ``y = (W @ x^T)^T + b`` with a sparse ``W``; input (*, in_features)."""
+    """``nn.Linear`` as ``y = (W @ x^T)^T + b`` with a sparse ``W``; input (*, in_features).
+
+    With ``relu`` set (``fuse.fuse_relu`` does) the layer returns ``relu(y)``.
+    """
 
     bias: torch.Tensor | None
 
@@ -126,6 +178,8 @@ class SparseLinear(nn.Module):
         self.out_features, self.in_features = kernel.shape
         self.kernel = _checked(kernel, self.out_features, self.in_features)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.gathers = isinstance(kernel, GatherKernel)
+        self.relu = False
 
     @classmethod
     def from_dense(
@@ -136,9 +190,15 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
+        if self.gathers:  # the kernel takes every input (other dtypes by its reference path)
+            kernel: GatherKernel = self.kernel  # type: ignore[assignment]
+            out = kernel.linear(x.reshape(-1, self.in_features), self.bias, self.relu)
+            return out.reshape(*lead, self.out_features)
         out = self.kernel(x.reshape(-1, self.in_features).t())
         if self.bias is not None:
             out = out.add_(self.bias.unsqueeze(1))
+        if self.relu:
+            out = out.relu_()
         return out.t().contiguous().reshape(*lead, self.out_features)
 
 
@@ -157,6 +217,21 @@ def conv_matrix(weight: torch.Tensor, groups: int) -> torch.Tensor:
     return matrix
 
 
+ALIGN_MIN_REUSE = 128
+"""A 1x1 conv whose kernel reads each input value at least this often (stored weights per
+input channel) copies its input into 64-byte aligned planes first. Measured at 90% sparsity,
+2 threads (in place -> aligned, us): 512 -> 2048 @7x7 (reuse 205) 110 -> 97; 1024 -> 256
+@14x14 (reuse 26) 100 -> 117; 2048 -> 512 @7x7 (reuse 51) 117 -> 135: the copy costs more than
+the aligned loads save until the reuse is high."""
+
+
+def _entries(kernel: MatrixKernel) -> int:
+    """Stored weights of a gather kernel (blocks times their height)."""
+    col = getattr(kernel, "col", None)
+    rows = int(getattr(kernel, "rows_per_block", 1))
+    return 0 if col is None else int(col.numel()) * rows
+
+
 def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
@@ -165,7 +240,8 @@ class SparseConv2d(nn.Module):
     """``nn.Conv2d`` (zeros padding) as one sparse x dense product; NCHW in, NCHW out.
 
     ``padding`` is (top, bottom, left, right) in pixels, so ``"same"`` with an even kernel
-    (more padding after than before, as ``F.conv2d`` does) is exact too.
+    (more padding after than before, as ``F.conv2d`` does) is exact too. With ``relu`` set
+    (``fuse.fuse_relu`` does) the layer returns ``relu(conv(x))``.
     """
 
     bias: torch.Tensor | None
@@ -191,6 +267,9 @@ class SparseConv2d(nn.Module):
         self.kernel = _checked(kernel, self.out_channels, in_channels * k)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.pointwise = kernel_size == (1, 1) and not any(padding)
+        self.gathers = isinstance(kernel, GatherKernel)
+        self.relu = False
+        self._layouts: dict[tuple[int, int], tuple[ConvLayout, torch.Tensor]] = {}
 
     @classmethod
     def from_dense(
@@ -235,8 +314,59 @@ class SparseConv2d(nn.Module):
             sizes.append(math.floor((size + pad - d * (k - 1) - 1) / s) + 1)
         return sizes[0], sizes[1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def reuse(self) -> float:
+        """Stored weights per input channel: how often the kernel reads each input value."""
+        return _entries(self.kernel) / self.in_channels
+
+    def layout(self, height: int, width: int) -> tuple[ConvLayout, torch.Tensor]:
+        """The direct layout for an input of (height, width) pixels and the kernel's entry
+        offsets in it (built once per size). Raises ValueError as ``ConvLayout.of``."""
+        key = (height, width)
+        cached = self._layouts.get(key)
+        if cached is None:
+            kernel: GatherKernel = self.kernel  # type: ignore[assignment]
+            layout = ConvLayout.of(
+                self.in_channels,
+                key,
+                self.kernel_size,
+                self.stride,
+                self.dilation,
+                self.padding,
+                align=self.kernel_size == (1, 1) and self.reuse() >= ALIGN_MIN_REUSE,
+            )
+            cached = self._layouts[key] = (layout, layout.entry_offsets(kernel.col))
+        return cached
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The conv of ``x``, plus ``residual`` when given (added before the ReLU of ``relu``;
+        ``fuse.fuse_residual`` passes the identity branch of a residual block here)."""
         n, c, h, w = x.shape
+        if self.gathers:
+            kernel: GatherKernel = self.kernel  # type: ignore[assignment]
+            if kernel.accepts(x) if self.bias is None else kernel.accepts(x, self.bias):
+                layout, offsets = self.layout(h, w)
+                out = x.new_empty(n, self.out_channels, layout.out_h, layout.out_w)
+                fused = (
+                    residual is not None
+                    and layout.pitch == layout.out_w
+                    and residual.shape == out.shape
+                    and kernel.accepts(residual)
+                )
+                return self._add(
+                    kernel.gather(
+                        layout.source(x),
+                        offsets,
+                        layout.columns,
+                        layout.pitch,
+                        layout.out_w,
+                        out,
+                        self.bias,
+                        self.relu and (residual is None or fused),
+                        check=False,  # every operand built here, the offsets checked by layout()
+                        residual=residual.contiguous() if fused and residual is not None else None,
+                    ),
+                    None if fused else residual,
+                )
         out_h, out_w = self.output_size(h, w)
         if self.pointwise:
             strided = x[:, :, :: self.stride[0], :: self.stride[1]]
@@ -252,7 +382,17 @@ class SparseConv2d(nn.Module):
         out = self.kernel(columns)
         if self.bias is not None:
             out = out.add_(self.bias.unsqueeze(1))
-        return out.reshape(self.out_channels, n, out_h, out_w).transpose(0, 1).contiguous()
+        if self.relu and residual is None:
+            out = out.relu_()
+        out = out.reshape(self.out_channels, n, out_h, out_w).transpose(0, 1).contiguous()
+        return self._add(out, residual)
+
+    def _add(self, out: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """``out + residual``, then the ReLU when set (the unfused path)."""
+        if residual is None:
+            return out
+        out = out + residual
+        return out.relu_() if self.relu else out
 
     def extra_repr(self) -> str:
         return (

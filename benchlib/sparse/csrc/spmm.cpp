@@ -1,0 +1,619 @@
+// benchlib's sparse x dense kernels for the CPU (built just in time by benchlib/sparse/native.py).
+//
+// One weight matrix W (M rows, compressed by rows in blocks of R consecutive rows sharing a
+// column: R = 1 is CSR, R = 4 / 8 the 4x1 / 8x1 block formats) multiplies a dense operand that
+// is read through per-entry offsets ("gather form"):
+//
+//   Y[b][m][place(q)] = act(bias[m] + sum_j val[j*R + r] * X[b*x_image + off[j] + q])
+//
+// for every image b, block row i (rows m = i*R + r), entry j of block row i and column q in
+// [0, n). A 1x1 conv has off = k * H*W; a k x k conv reads a zero-padded (polyphase for stride
+// > 1) copy of its input, so the same loop computes it without im2col; place(q) drops the
+// columns of the padded rows that are no output (q % pitch >= row_len).
+//
+// Register tiling over q as in XNNPACK's spmm: a tile of NV vectors of columns stays in
+// registers while the entries of one block row stream past (one broadcast of the weight, NV
+// loads, NV * R FMAs per entry), tiles outer and rows inner so the tile's strip of X stays in
+// cache for all the rows. Threads split the block rows into ranges of equal work (entries plus
+// a per-row cost), on the OpenMP runtime torch itself uses. Plain IEEE arithmetic, no
+// fast-math: only the order of the sums differs from a dense product.
+//
+// The "rows" kernel is the small-batch linear layer: X row-major (batch, K), Y (batch, M).
+//
+// No exceptions cross the C boundary: the Python side validates every argument; the functions
+// return 0, or 1 for an unsupported block height.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+namespace {
+constexpr const char* kIsa = "avx512";
+struct V {
+  static constexpr int W = 16;
+  using T = __m512;
+  using M = __mmask16;
+  static T zero() { return _mm512_setzero_ps(); }
+  static T set1(float a) { return _mm512_set1_ps(a); }
+  static T load(const float* p) { return _mm512_loadu_ps(p); }
+  static T loadm(const float* p, M m) { return _mm512_maskz_loadu_ps(m, p); }
+  static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
+  static void storem(float* p, T v, M m) { _mm512_mask_storeu_ps(p, m, v); }
+  static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static T add(T a, T b) { return _mm512_add_ps(a, b); }
+  static T relu(T a) { return _mm512_max_ps(zero(), a); }  // NaN stays NaN
+  static M mask(int n) { return static_cast<M>((1u << n) - 1u); }
+};
+}  // namespace
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+namespace {
+constexpr const char* kIsa = "avx2";
+struct V {
+  static constexpr int W = 8;
+  using T = __m256;
+  using M = __m256i;
+  static T zero() { return _mm256_setzero_ps(); }
+  static T set1(float a) { return _mm256_set1_ps(a); }
+  static T load(const float* p) { return _mm256_loadu_ps(p); }
+  static T loadm(const float* p, M m) { return _mm256_maskload_ps(p, m); }
+  static void store(float* p, T v) { _mm256_storeu_ps(p, v); }
+  static void storem(float* p, T v, M m) { _mm256_maskstore_ps(p, m, v); }
+  static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static T add(T a, T b) { return _mm256_add_ps(a, b); }
+  static T relu(T a) { return _mm256_max_ps(zero(), a); }
+  static M mask(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+};
+}  // namespace
+#else
+namespace {
+constexpr const char* kIsa = "generic";
+struct V {  // portable C++: the compiler vectorizes what it can
+  static constexpr int W = 8;
+  struct T {
+    float v[W];
+  };
+  using M = int;
+  static T zero() { return set1(0.0f); }
+  static T set1(float a) {
+    T t;
+    for (int i = 0; i < W; ++i) t.v[i] = a;
+    return t;
+  }
+  static T load(const float* p) {
+    T t;
+    std::memcpy(t.v, p, sizeof t.v);
+    return t;
+  }
+  static T loadm(const float* p, M m) {
+    T t = zero();
+    for (int i = 0; i < m; ++i) t.v[i] = p[i];
+    return t;
+  }
+  static void store(float* p, T v) { std::memcpy(p, v.v, sizeof v.v); }
+  static void storem(float* p, T v, M m) {
+    for (int i = 0; i < m; ++i) p[i] = v.v[i];
+  }
+  static T fma(T a, T b, T c) {
+    for (int i = 0; i < W; ++i) c.v[i] += a.v[i] * b.v[i];
+    return c;
+  }
+  static T add(T a, T b) {
+    for (int i = 0; i < W; ++i) a.v[i] += b.v[i];
+    return a;
+  }
+  static T relu(T a) {
+    for (int i = 0; i < W; ++i) a.v[i] = a.v[i] < 0.0f ? 0.0f : a.v[i];
+    return a;
+  }
+  static M mask(int n) { return n; }
+};
+}  // namespace
+#endif
+
+namespace {
+
+using VT = V::T;
+using VM = V::M;
+
+// Column tile widths, in vectors, per block height: as wide as the registers allow (each
+// entry then costs one broadcast per row and one load per vector), and at least 4
+// accumulators in flight per row for R = 1 (more come from splitting the entries, below).
+#ifndef BENCHLIB_NV1
+#if defined(__AVX512F__)
+#define BENCHLIB_NV1 8
+#define BENCHLIB_NV2 6
+#define BENCHLIB_NV4 4
+#define BENCHLIB_NV8 2
+#else
+#define BENCHLIB_NV1 8
+#define BENCHLIB_NV2 4
+#define BENCHLIB_NV4 2
+#define BENCHLIB_NV8 1
+#endif
+#endif
+constexpr int kMaxNV1 = BENCHLIB_NV1, kMaxNV2 = BENCHLIB_NV2, kMaxNV4 = BENCHLIB_NV4,
+              kMaxNV8 = BENCHLIB_NV8;
+constexpr int kMaxTile = 8 * 16;  // floats: the widest tile of any ISA
+constexpr int64_t kRowCost = 4;   // a row's fixed cost (stores, loop), in entries
+#ifndef BENCHLIB_TILES_PER_THREAD
+#define BENCHLIB_TILES_PER_THREAD 6
+#endif
+constexpr int64_t kMinTilesPerThread = BENCHLIB_TILES_PER_THREAD;  // to split columns
+constexpr int64_t kMinParallelWork = 1 << 15;  // multiply-adds below which one thread runs
+
+template <int R>
+constexpr int max_nv() {
+  return R == 1 ? kMaxNV1 : R == 2 ? kMaxNV2 : R == 4 ? kMaxNV4 : kMaxNV8;
+}
+
+struct Problem {
+  const int32_t* rowptr;  // block rows + 1
+  const int32_t* off;     // per entry
+  const float* val;       // per entry, R values (entry-major)
+  const float* bias;      // M values or null
+  int64_t block_rows;
+  const float* x;
+  int64_t x_image;  // floats between images of X
+  int64_t images;
+  int64_t n;        // columns computed per image
+  int64_t pitch;    // columns per padded row of the computed range
+  int64_t row_len;  // leading columns of each padded row that are output
+  float* y;
+  int64_t y_image;  // floats between images of Y
+  int64_t ldy;      // floats between rows of Y
+  bool relu;
+  const float* residual;  // null, or added before the ReLU: laid out as Y (direct form only)
+};
+
+// Entries [begin, end) of one block row into NV vectors x R rows of accumulators; U > 1
+// splits the entries over U sets of accumulators (summed at the end) so that a narrow tile
+// still has enough independent FMA chains to hide the FMA latency.
+template <int R, int NV, int U, bool TAIL>
+inline void tile(const Problem& p, int64_t begin, int64_t end, const float* x, VM tail,
+                 const float* bias, float* out, int64_t ldo, const float* res) {
+  VT acc[U][R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const VT b = V::set1(bias ? bias[r] : 0.0f);
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      acc[0][r][v] = b;
+      if (res) {
+        const float* rp = res + r * ldo + v * V::W;
+        acc[0][r][v] = V::add(b, (TAIL && v == NV - 1) ? V::loadm(rp, tail) : V::load(rp));
+      }
+#pragma GCC unroll 4
+      for (int u = 1; u < U; ++u) acc[u][r][v] = V::zero();
+    }
+  }
+  const int32_t* off = p.off;
+  const float* val = p.val;
+  int64_t j = begin;
+  for (; j + U <= end; j += U) {
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) {
+      const float* xp = x + off[j + u];
+      VT xv[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v)
+        xv[v] = (TAIL && v == NV - 1) ? V::loadm(xp + v * V::W, tail) : V::load(xp + v * V::W);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const VT w = V::set1(val[(j + u) * R + r]);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[u][r][v] = V::fma(w, xv[v], acc[u][r][v]);
+      }
+    }
+  }
+  for (; j < end; ++j) {
+    const float* xp = x + off[j];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      const VT xv = (TAIL && v == NV - 1) ? V::loadm(xp + v * V::W, tail) : V::load(xp + v * V::W);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[0][r][v] = V::fma(V::set1(val[j * R + r]), xv, acc[0][r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      VT s = acc[0][r][v];
+#pragma GCC unroll 4
+      for (int u = 1; u < U; ++u) s = V::add(s, acc[u][r][v]);
+      if (p.relu) s = V::relu(s);
+      if (TAIL && v == NV - 1)
+        V::storem(out + r * ldo + v * V::W, s, tail);
+      else
+        V::store(out + r * ldo + v * V::W, s);
+    }
+  }
+}
+
+// Copies n floats (a short run: a row segment of one tile) with masked vector moves.
+inline void copy_floats(float* dst, const float* src, int64_t n) {
+  for (int64_t k = 0; k < n; k += V::W) {
+    const int left = static_cast<int>(std::min<int64_t>(V::W, n - k));
+    if (left == V::W) {
+      V::store(dst + k, V::load(src + k));
+    } else {
+      const VM m = V::mask(left);
+      V::storem(dst + k, V::loadm(src + k, m), m);
+    }
+  }
+}
+
+// Copies the computed columns [q0, q0 + cols) of one row (in padded-row space) to the output
+// row, dropping the columns q % pitch >= row_len.
+inline void scatter(const float* tmp, int64_t q0, int64_t cols, int64_t pitch, int64_t row_len,
+                    float* yrow) {
+  int64_t oh = q0 / pitch, ow = q0 % pitch, done = 0;
+  while (done < cols) {
+    const int64_t seg = std::min(pitch - ow, cols - done);
+    const int64_t keep = std::max<int64_t>(0, std::min(seg, row_len - ow));
+    if (keep > 0) copy_floats(yrow + oh * row_len + ow, tmp + done, keep);
+    done += seg;
+    ++oh;
+    ow = 0;
+  }
+}
+
+// One column tile [q0, q0 + cols) of image data x / y for the block rows [i0, i1): the tile
+// kernel inlined into the row loop (one indirect call per tile, not per row).
+template <int R, int NV, int U, bool TAIL>
+void tile_rows(const Problem& p, int64_t i0, int64_t i1, const float* x, float* y,
+               const float* res, int64_t q0, int64_t cols, VM tail, float* tmp, int64_t tw) {
+  const bool direct = p.pitch == p.row_len;
+  for (int64_t i = i0; i < i1; ++i) {
+    const float* bias = p.bias ? p.bias + i * R : nullptr;
+    if (direct) {
+      const int64_t at = i * R * p.ldy + q0;
+      tile<R, NV, U, TAIL>(p, p.rowptr[i], p.rowptr[i + 1], x + q0, tail, bias, y + at, p.ldy,
+                           res ? res + at : nullptr);
+    } else {
+      tile<R, NV, U, TAIL>(p, p.rowptr[i], p.rowptr[i + 1], x + q0, tail, bias, tmp, tw,
+                           nullptr);
+      for (int r = 0; r < R; ++r)
+        scatter(tmp + r * tw, q0, cols, p.pitch, p.row_len, y + (i * R + r) * p.ldy);
+    }
+  }
+}
+
+using TileFn = void (*)(const Problem&, int64_t, int64_t, const float*, float*, const float*,
+                        int64_t, int64_t, VM, float*, int64_t);
+
+template <int R, int NV, bool TAIL>
+constexpr TileFn tile_fn() {
+  constexpr int chains = R * NV;
+  constexpr int U = chains >= 4 ? 1 : chains >= 2 ? 2 : 4;
+  return &tile_rows<R, NV, U, TAIL>;
+}
+
+template <int R, int NV>
+struct Table {
+  static TileFn get(int nv, bool tail) {
+    if (nv == NV) return tail ? tile_fn<R, NV, true>() : tile_fn<R, NV, false>();
+    return Table<R, NV - 1>::get(nv, tail);
+  }
+};
+template <int R>
+struct Table<R, 0> {
+  static TileFn get(int, bool) { return nullptr; }
+};
+
+// Block rows [i0, i1) over the column tiles [u0, u1) of all images (unit u: image u / tiles,
+// tile u % tiles): tiles outer, rows inner, so a tile's strip of X serves every row.
+template <int R>
+void block_rows(const Problem& p, int64_t i0, int64_t i1, int64_t u0, int64_t u1) {
+  constexpr int NVMAX = max_nv<R>();
+  constexpr int64_t TW = NVMAX * V::W;
+  const int64_t tiles = (p.n + TW - 1) / TW;
+  alignas(64) float tmp[R * kMaxTile];
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t b = u / tiles, q0 = (u % tiles) * TW;
+    const int64_t cols = std::min(TW, p.n - q0);
+    const int nv = static_cast<int>((cols + V::W - 1) / V::W);
+    const int last = static_cast<int>(cols - (nv - 1) * V::W);
+    const float* res = p.residual ? p.residual + b * p.y_image : nullptr;
+    Table<R, NVMAX>::get(nv, last != V::W)(p, i0, i1, p.x + b * p.x_image, p.y + b * p.y_image,
+                                          res, q0, cols, V::mask(last), tmp, TW);
+  }
+}
+
+// The first block row of thread t's share when `parts` threads split the block rows into
+// ranges of equal cost (entries + kRowCost per row); rowptr is nondecreasing, so is the cost.
+int64_t split(const int32_t* rowptr, int64_t rows, int64_t t, int64_t parts) {
+  if (t <= 0) return 0;
+  if (t >= parts) return rows;
+  const int64_t total = rowptr[rows] + kRowCost * rows;
+  const int64_t goal = total * t / parts;
+  int64_t lo = 0, hi = rows;  // first i with cost(i) >= goal
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (rowptr[mid] + kRowCost * mid < goal)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
+template <typename Body>
+void parallel_rows(int64_t rows, int threads, const Body& body) {
+#ifdef _OPENMP
+  if (threads > 1 && rows > 1) {
+    if (omp_get_max_threads() != threads) omp_set_num_threads(threads);  // as torch does
+#pragma omp parallel
+    {
+      const int64_t t = omp_get_thread_num(), parts = omp_get_num_threads();
+      body(t, parts);
+    }
+    return;
+  }
+#else
+  (void)threads;
+#endif
+  body(0, 1);
+}
+
+// Threads split the column tiles when there are many (each thread then reads only its part of
+// X), else the block rows by equal work (each reads all of X). Tiny products run on one thread.
+template <int R>
+void run_gather(const Problem& p, int threads) {
+  constexpr int64_t TW = max_nv<R>() * V::W;
+  const int64_t units = p.images * ((p.n + TW - 1) / TW);
+  const int64_t work = (p.rowptr[p.block_rows] * R + p.block_rows) * p.n * p.images;
+  if (work < kMinParallelWork) threads = 1;
+  if (units >= kMinTilesPerThread * threads) {
+    parallel_rows(units, threads, [&](int64_t t, int64_t parts) {
+      block_rows<R>(p, 0, p.block_rows, units * t / parts, units * (t + 1) / parts);
+    });
+    return;
+  }
+  parallel_rows(p.block_rows, threads, [&](int64_t t, int64_t parts) {
+    const int64_t i0 = split(p.rowptr, p.block_rows, t, parts);
+    const int64_t i1 = split(p.rowptr, p.block_rows, t + 1, parts);
+    if (i0 < i1) block_rows<R>(p, i0, i1, 0, units);
+  });
+}
+
+// Small batch, X row-major: four partial sums per (row, image) over the entries.
+template <int R>
+void rows_range(const Problem& p, int64_t i0, int64_t i1) {
+  const int32_t* off = p.off;
+  const float* val = p.val;
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t begin = p.rowptr[i], end = p.rowptr[i + 1];
+    for (int64_t b = 0; b < p.images; ++b) {
+      const float* x = p.x + b * p.x_image;
+      float s[4][R] = {};
+      int64_t j = begin;
+#if defined(__AVX512F__)
+      if (R == 1) {  // 16 entries at a time: one gather of x, one FMA
+        __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                       _mm512_setzero_ps()};
+        for (; j + 64 <= end; j += 64) {
+#pragma GCC unroll 4
+          for (int u = 0; u < 4; ++u) {
+            const __m512i k = _mm512_loadu_si512(off + j + 16 * u);
+            a[u] = _mm512_fmadd_ps(_mm512_loadu_ps(val + j + 16 * u), _mm512_i32gather_ps(k, x, 4), a[u]);
+          }
+        }
+        for (; j + 16 <= end; j += 16) {
+          const __m512i k = _mm512_loadu_si512(off + j);
+          a[0] = _mm512_fmadd_ps(_mm512_loadu_ps(val + j), _mm512_i32gather_ps(k, x, 4), a[0]);
+        }
+        s[1][0] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
+      }
+#endif
+      for (; j + 4 <= end; j += 4) {
+        for (int u = 0; u < 4; ++u) {
+          const float xv = x[off[j + u]];
+          for (int r = 0; r < R; ++r) s[u][r] += val[(j + u) * R + r] * xv;
+        }
+      }
+      for (; j < end; ++j) {
+        const float xv = x[off[j]];
+        for (int r = 0; r < R; ++r) s[0][r] += val[j * R + r] * xv;
+      }
+      for (int r = 0; r < R; ++r) {
+        float out = (p.bias ? p.bias[i * R + r] : 0.0f) + ((s[0][r] + s[1][r]) + (s[2][r] + s[3][r]));
+        if (p.relu && out < 0.0f) out = 0.0f;
+        p.y[b * p.y_image + i * R + r] = out;
+      }
+    }
+  }
+}
+
+template <int R>
+void run_rows(const Problem& p, int threads) {
+  if ((p.rowptr[p.block_rows] * R + p.block_rows) * p.images < kMinParallelWork) threads = 1;
+  parallel_rows(p.block_rows, threads, [&](int64_t t, int64_t parts) {
+    const int64_t i0 = split(p.rowptr, p.block_rows, t, parts);
+    const int64_t i1 = split(p.rowptr, p.block_rows, t + 1, parts);
+    if (i0 < i1) rows_range<R>(p, i0, i1);
+  });
+}
+
+template <template <int> class F>
+int dispatch(int64_t R, const Problem& p, int threads) {
+  switch (R) {
+    case 1: F<1>::run(p, threads); return 0;
+    case 2: F<2>::run(p, threads); return 0;
+    case 4: F<4>::run(p, threads); return 0;
+    case 8: F<8>::run(p, threads); return 0;
+    default: return 1;
+  }
+}
+
+template <int R>
+struct Gather {
+  static void run(const Problem& p, int threads) { run_gather<R>(p, threads); }
+};
+template <int R>
+struct Rows {
+  static void run(const Problem& p, int threads) { run_rows<R>(p, threads); }
+};
+
+// The zero-padded phase images of a conv input (see benchlib/sparse/direct.py): for image b,
+// phase p = (a, c0) and channel c, out[b][p][c][i][j] = x[b][c][a + sh*i - top][c0 + sw*j - left]
+// where that lies inside the input, else 0. x is contiguous NCHW.
+void layout_range(const float* x, int64_t channels, int64_t height, int64_t width,
+                  const int32_t* phases, int64_t phase_count, int64_t sh, int64_t sw, int64_t top,
+                  int64_t left, int64_t phase_h, int64_t phase_w, int64_t plane, float* out,
+                  int64_t begin, int64_t end) {
+  // one task = (image, phase, channel), flattened in that order; planes `plane` floats apart
+  // (>= phase_h * phase_w: the rest of a plane is zeroed)
+  const int64_t used = phase_h * phase_w;
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t c = task % channels;
+    const int64_t p = (task / channels) % phase_count;
+    const int64_t b = task / (channels * phase_count);
+    const float* src = x + (b * channels + c) * height * width;
+    float* dst = out + task * plane;
+    if (plane > used) std::memset(dst + used, 0, (plane - used) * sizeof(float));
+    const int64_t a = phases[2 * p], c0 = phases[2 * p + 1];
+    // columns j with 0 <= c0 + sw*j - left < width
+    const int64_t j0 = std::min<int64_t>(phase_w, std::max<int64_t>(0, (left - c0 + sw - 1) / sw));
+    int64_t j1 = j0;  // one past the last such j
+    if (c0 + sw * j0 - left < width)
+      j1 = std::min<int64_t>(phase_w, (width - 1 + left - c0) / sw + 1);
+    for (int64_t i = 0; i < phase_h; ++i) {
+      float* row = dst + i * phase_w;
+      const int64_t r = a + sh * i - top;
+      if (r < 0 || r >= height || j1 <= j0) {
+        std::memset(row, 0, phase_w * sizeof(float));
+        continue;
+      }
+      if (j0 > 0) std::memset(row, 0, j0 * sizeof(float));
+      const float* in = src + r * width + (c0 + sw * j0 - left);
+      if (sw == 1) {
+        std::memcpy(row + j0, in, (j1 - j0) * sizeof(float));
+      } else if (sw == 2) {  // a constant stride the compiler vectorizes
+        float* __restrict out_row = row + j0;
+        const float* __restrict in_row = in;
+        const int count = static_cast<int>(j1 - j0);
+        for (int j = 0; j < count; ++j) out_row[j] = in_row[2 * j];
+      } else {
+        for (int64_t j = j0; j < j1; ++j) row[j] = in[(j - j0) * sw];
+      }
+      if (j1 < phase_w) std::memset(row + j1, 0, (phase_w - j1) * sizeof(float));
+    }
+  }
+}
+
+// Max pooling of one (image, channel) plane, separably: the vertical max of each output row's
+// window rows (contiguous, vectorized) into `band`, then the horizontal max over `band`.
+// Out-of-image positions are skipped (padding never wins); a NaN wins, as in torch.
+inline float max_nan(float a, float b) { return ((b > a) | (b != b)) ? b : a; }
+
+// band holds pw -inf floats, the row's width floats, then enough -inf for the last window.
+void pool_plane(const float* in, int64_t height, int64_t width, float* out, int64_t out_h,
+                int64_t out_w, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
+                int64_t pw, int64_t dh, int64_t dw, float* band) {
+  const float lowest = -std::numeric_limits<float>::infinity();
+  float* row_max = band + pw;
+  for (int64_t oh = 0; oh < out_h; ++oh) {
+    for (int64_t j = 0; j < width; ++j) row_max[j] = lowest;
+    for (int64_t r = 0; r < kh; ++r) {
+      const int64_t row = oh * sh - ph + r * dh;
+      if (row < 0 || row >= height) continue;
+      const float* src = in + row * width;
+      for (int64_t j = 0; j < width; ++j) row_max[j] = max_nan(row_max[j], src[j]);
+    }
+    float* dst = out + oh * out_w;
+    if (kw == 3 && dw == 1) {
+      for (int64_t ow = 0; ow < out_w; ++ow) {
+        const float* w = band + ow * sw;
+        dst[ow] = max_nan(max_nan(w[0], w[1]), w[2]);
+      }
+    } else {
+      for (int64_t ow = 0; ow < out_w; ++ow) {
+        const float* w = band + ow * sw;
+        float m = w[0];
+        for (int64_t s = 1; s < kw; ++s) m = max_nan(m, w[s * dw]);
+        dst[ow] = m;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// torch's max_pool2d (no ceil_mode, no indices) of the contiguous NCHW fp32 x into the
+// contiguous (planes, out_h, out_w) out; planes = images * channels.
+int benchlib_max_pool2d(const float* x, int64_t planes, int64_t height, int64_t width,
+                        float* out, int64_t out_h, int64_t out_w, int64_t kh, int64_t kw,
+                        int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
+                        int threads) {
+  const int64_t work = planes * out_h * width * kh;
+  parallel_rows(planes, work < 32768 ? 1 : threads, [&](int64_t t, int64_t parts) {
+    // -inf around the row: pw before, and after it up to the last window's end
+    const int64_t span = std::max<int64_t>(pw + width, (out_w - 1) * sw + (kw - 1) * dw + 1);
+    std::vector<float> band(static_cast<size_t>(span), -std::numeric_limits<float>::infinity());
+    for (int64_t p = planes * t / parts; p < planes * (t + 1) / parts; ++p)
+      pool_plane(x + p * height * width, height, width, out + p * out_h * out_w, out_h, out_w,
+                 kh, kw, sh, sw, ph, pw, dh, dw, band.data());
+  });
+  return 0;
+}
+
+// Writes the (images, phase_count, channels, plane) phase images (phase_h x phase_w each, at
+// the start of its plane) of the contiguous NCHW input x (see layout_range); phases holds
+// phase_count (row, col) origins.
+int benchlib_conv_layout(const float* x, int64_t images, int64_t channels, int64_t height,
+                         int64_t width, const int32_t* phases, int64_t phase_count, int64_t sh,
+                         int64_t sw, int64_t top, int64_t left, int64_t phase_h, int64_t phase_w,
+                         int64_t plane, float* out, int threads) {
+  const int64_t tasks = images * phase_count * channels;
+  const int64_t work = tasks * plane;
+  parallel_rows(tasks, work < 32768 ? 1 : threads, [&](int64_t t, int64_t parts) {
+    const int64_t begin = tasks * t / parts, end = tasks * (t + 1) / parts;
+    layout_range(x, channels, height, width, phases, phase_count, sh, sw, top, left, phase_h,
+                 phase_w, plane, out, begin, end);
+  });
+  return 0;
+}
+
+// The instruction set the kernels were compiled for: "avx512", "avx2" or "generic".
+const char* benchlib_spmm_isa() { return kIsa; }
+
+// Gather form (see the top of this file). y must hold images * y_image floats; for every
+// entry, off + n - 1 must lie inside X's image (the caller checks). A residual (laid out as y;
+// direct form, pitch == row_len, only: else 2 is returned) is added before the ReLU.
+int benchlib_spmm_gather(const int32_t* rowptr, const int32_t* off, const float* val,
+                         const float* bias, int64_t block_rows, int64_t R, const float* x,
+                         int64_t x_image, int64_t images, int64_t n, int64_t pitch,
+                         int64_t row_len, float* y, int64_t y_image, int64_t ldy, int relu,
+                         const float* residual, int threads) {
+  if (residual && pitch != row_len) return 2;  // the residual is added in the direct form only
+  const Problem p{rowptr, off,   val,     bias, block_rows, x,   x_image,    images,  n,
+                  pitch,  row_len, y,     y_image, ldy,  relu != 0, residual};
+  return dispatch<Gather>(R, p, threads);
+}
+
+// Rows form: Y[b][m] = act(bias[m] + sum_j val[j*R + r] * X[b*x_image + off[j]]), Y[b] at
+// y + b * y_image (the small-batch linear layer: off = column index).
+int benchlib_spmm_rows(const int32_t* rowptr, const int32_t* off, const float* val,
+                       const float* bias, int64_t block_rows, int64_t R, const float* x,
+                       int64_t x_image, int64_t images, float* y, int64_t y_image, int relu,
+                       int threads) {
+  const Problem p{rowptr, off, val, bias, block_rows, x, x_image, images, 1, 1, 1, y, y_image,
+                  1,      relu != 0, nullptr};
+  return dispatch<Rows>(R, p, threads);
+}
+
+}  // extern "C"

@@ -1,0 +1,294 @@
+"""``NativeSparseMatrix``: a weight matrix for benchlib's own CPU kernels (``csrc/spmm.cpp``).
+
+Storage: block rows of ``rows_per_block`` (R) consecutive output rows sharing one column index
+per stored block: R = 1 is CSR (only nonzeros stored), R = 2 / 4 / 8 the Rx1 block formats
+(a block is stored when any of its R values is nonzero). Indices int32, values fp32.
+
+Besides ``MatrixKernel``'s ``W @ X`` the kernel offers the two forms the layer modules use
+(``GatherKernel``): ``gather`` reads the dense operand through one offset per stored entry, so a
+conv reads its (padded) input directly, without im2col; ``linear`` multiplies a linear layer's
+row-major input as it is (the rows kernel: a sparse dot product per row and input, for a batch
+of at most ``ROWS_MAX_BATCH``) or its transpose (the gather form, for larger batches). Both run
+on torch's OpenMP threads (``torch.get_num_threads()``).
+Inputs other than fp32 (a module moved to float64) take PyTorch's COO product instead: correct,
+not fast.
+
+Layout, measured: NCHW, vectorized over the pixels of a channel (XNNPACK's and DeepSparse's
+scheme), against NHWC, where each output pixel is a sparse dot product over the channels of its
+input pixel (the rows kernel over H*W "rows"): 1x1 convs at 90% sparsity, 2 threads, batch 1,
+256 -> 64 @56x56: NCHW 153 us, NHWC 1575 us; 128 -> 512 @28x28: 68 / 1242 us; 1024 -> 256
+@14x14: 104 / 988 us. NHWC cannot put a weight in a register for 16 outputs at once, so NCHW.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from benchlib.sparse.build import NativeLibrary, NativeUnavailable, load_library
+
+ROWS_PER_BLOCK = (1, 2, 4, 8)
+"""Block heights the kernels are compiled for."""
+ROWS_MAX_BATCH = 2
+"""A linear layer with at most this many input rows runs the rows kernel, more the gather form.
+Measured, 2048 -> 1000 at 90% sparsity, 2 threads (rows / gather / dense ``nn.Linear`` us):
+batch 1: 47 / 62 / 101, 2: 66 / 73 / 191, 3: 96 / 74 / 296, 8: 269 / 82 / 396."""
+
+
+def library() -> NativeLibrary:
+    """The loaded kernels. Raises RuntimeError (with the build's reason) when unavailable."""
+    loaded = load_library()
+    if isinstance(loaded, NativeUnavailable):
+        raise RuntimeError(f"benchlib's native sparse kernels are unavailable: {loaded.reason}")
+    return loaded
+
+
+class NativeSparseMatrix(nn.Module):
+    """A fixed sparse (M, K) fp32 matrix for the native kernels; see the module docstring.
+
+    Raises ValueError for a matrix that is not 2-D, a block height not in ``ROWS_PER_BLOCK``
+    or not dividing M, and RuntimeError when the native kernels cannot be built here.
+    """
+
+    rowptr: torch.Tensor
+    col: torch.Tensor
+    values: torch.Tensor
+
+    def __init__(self, matrix: torch.Tensor, rows_per_block: int = 1) -> None:
+        super().__init__()
+        if matrix.dim() != 2:
+            raise ValueError(f"expected a 2-D weight matrix, got shape {tuple(matrix.shape)}")
+        rows, cols = int(matrix.shape[0]), int(matrix.shape[1])
+        if rows_per_block not in ROWS_PER_BLOCK or rows % rows_per_block:
+            raise ValueError(
+                f"block height {rows_per_block} must be one of {ROWS_PER_BLOCK} and divide the "
+                f"{rows} rows"
+            )
+        self.isa = library().isa
+        self.shape = (rows, cols)
+        self.rows_per_block = rows_per_block
+        self.name = "native-csr" if rows_per_block == 1 else f"native-bsr-{rows_per_block}x1"
+        self.format = "csr" if rows_per_block == 1 else "bsr"
+        blocks = matrix.detach().float().reshape(rows // rows_per_block, rows_per_block, cols)
+        kept = (blocks != 0).any(dim=1)  # (block rows, cols)
+        counts = kept.sum(dim=1)
+        rowptr = torch.zeros(rows // rows_per_block + 1, dtype=torch.int64)
+        rowptr[1:] = torch.cumsum(counts, 0)
+        block_row, col = kept.nonzero(as_tuple=True)  # row-major order: sorted by block row
+        self.register_buffer("rowptr", rowptr.to(torch.int32))
+        self.register_buffer("col", col.to(torch.int32).contiguous())
+        self.register_buffer("values", blocks[block_row, :, col].contiguous())  # (entries, R)
+        self._batch_offsets: dict[int, torch.Tensor] = {}
+
+    @property
+    def entries(self) -> int:
+        """Stored entries (nonzeros for CSR, blocks for BSR)."""
+        return int(self.col.numel())
+
+    def stored_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.rowptr, self.col, self.values))
+
+    def _check_bias(self, bias: torch.Tensor | None) -> None:
+        if bias is not None and (
+            bias.dtype != torch.float32 or not bias.is_contiguous() or bias.numel() != self.shape[0]
+        ):
+            raise ValueError(
+                f"bias must be {self.shape[0]} contiguous fp32 values, got {tuple(bias.shape)} "
+                f"{bias.dtype}"
+            )
+
+    def accepts(self, *tensors: torch.Tensor) -> bool:
+        """True when ``gather`` / ``linear`` run natively on these tensors: fp32 on the CPU
+        (and this kernel's values still fp32)."""
+        return self._fast(*tensors)
+
+    def _fast(self, *tensors: torch.Tensor) -> bool:
+        if self.values.dtype != torch.float32:
+            return False
+        for tensor in tensors:  # a loop, not all(...): this runs on every layer call
+            if tensor.dtype != torch.float32 or tensor.is_cuda or tensor.device.type != "cpu":
+                return False
+        return True
+
+    def reference(self, dense: torch.Tensor) -> torch.Tensor:
+        """``W @ dense`` by PyTorch's COO product, in ``dense``'s dtype (the non-fp32 path)."""
+        r = self.rows_per_block
+        block_row = torch.repeat_interleave(
+            torch.arange(self.shape[0] // r), (self.rowptr[1:] - self.rowptr[:-1]).long()
+        )
+        rows = (block_row.unsqueeze(1) * r + torch.arange(r)).reshape(-1)
+        cols = self.col.long().repeat_interleave(r)
+        indices = torch.stack([rows, cols]).to(dense.device)
+        matrix = torch.sparse_coo_tensor(
+            indices,
+            self.values.reshape(-1).to(dense),
+            self.shape,
+            is_coalesced=False,
+            check_invariants=False,  # valid by construction
+        )
+        product: torch.Tensor = torch.sparse.mm(matrix, dense)
+        return product
+
+    def forward(self, dense: torch.Tensor) -> torch.Tensor:
+        """``W @ dense`` for a (K, N) matrix; a transposed row-major input (a linear layer's
+        ``x.t()``) runs the rows kernel without a copy."""
+        if not self._fast(dense) or dense.dim() != 2 or dense.shape[0] != self.shape[1]:
+            return self.reference(dense)
+        if dense.t().is_contiguous():  # a linear layer's x.t()
+            return self.linear(dense.t(), None).t()
+        source = dense.contiguous()
+        columns = int(source.shape[1])
+        if source.numel() >= 2**31:  # int32 offsets
+            return self.reference(dense)
+        offsets = (self.col * columns) if columns else self.col
+        out = source.new_empty(1, self.shape[0], columns)
+        self.gather(
+            source.reshape(1, -1), offsets, columns, columns, columns, out, None, check=False
+        )
+        return out[0]
+
+    def gather(
+        self,
+        source: torch.Tensor,
+        offsets: torch.Tensor,
+        columns: int,
+        pitch: int,
+        row_length: int,
+        out: torch.Tensor,
+        bias: torch.Tensor | None,
+        relu: bool = False,
+        *,
+        check: bool = True,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``out[b, m, place(q)] = act(bias[m] + sum_e W[m, k_e] * source[b, offsets[e] + q]
+        (+ residual[b, m, place(q)]))`` for q in [0, columns), where place(q) = (q // pitch) *
+        row_length + q % pitch and the columns with q % pitch >= row_length are dropped; ``act``
+        is ReLU when ``relu``. A ``residual`` (shaped and laid out as ``out``) needs
+        ``pitch == row_length``.
+
+        ``source`` (images, floats) and ``out`` (images, M, ...) contiguous fp32, ``offsets``
+        int32 per stored entry with ``max(offsets) + columns <= floats``: the bound is the
+        caller's (its layout guarantees it, checked where the offsets are built); the rest is
+        checked here unless ``check`` is False (a caller that built every operand itself).
+        Returns ``out``. Raises ValueError when the operands do not fit.
+        """
+        images = int(source.shape[0])
+        rows_out = -(-columns // pitch) if columns > 0 and pitch > 0 else 0
+        if check:
+            self._check_gather(source, offsets, columns, pitch, row_length, out, rows_out)
+            self._check_bias(bias)
+        if residual is not None and (
+            residual.shape != out.shape
+            or not residual.is_contiguous()
+            or residual.dtype != torch.float32
+            or pitch != row_length
+        ):
+            raise ValueError(
+                f"a residual must be contiguous fp32 shaped as out {tuple(out.shape)}, with "
+                f"pitch == row length; got {tuple(residual.shape)} {residual.dtype}, pitch "
+                f"{pitch}, row length {row_length}"
+            )
+        if columns == 0 or images == 0:
+            return out
+        plane = rows_out * row_length
+        status = library().gather(
+            self.rowptr.data_ptr(), offsets.data_ptr(), self.values.data_ptr(),
+            None if bias is None else bias.data_ptr(), self.shape[0] // self.rows_per_block,
+            self.rows_per_block, source.data_ptr(), int(source.shape[1]), images, columns, pitch,
+            row_length, out.data_ptr(), self.shape[0] * plane, plane, int(relu),
+            None if residual is None else residual.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        if status:
+            raise ValueError(f"the native kernel refused its operands (status {status})")
+        return out
+
+    def _check_gather(
+        self,
+        source: torch.Tensor,
+        offsets: torch.Tensor,
+        columns: int,
+        pitch: int,
+        row_length: int,
+        out: torch.Tensor,
+        rows_out: int,
+    ) -> None:
+        need = (int(source.shape[0]), self.shape[0], rows_out * row_length)
+        if (
+            source.dim() != 2
+            or not source.is_contiguous()
+            or not out.is_contiguous()
+            or out.numel() != need[0] * need[1] * need[2]
+            or offsets.dtype != torch.int32
+            or not offsets.is_contiguous()
+            or offsets.numel() != self.entries
+            or columns < 0
+            or not 0 < row_length <= pitch
+            or not self._fast(source, out)
+        ):
+            raise ValueError(
+                f"gather operands do not fit {self.name} {self.shape}: source "
+                f"{tuple(source.shape)} {source.dtype}, out {tuple(out.shape)} (need {need}), "
+                f"{offsets.numel()} {offsets.dtype} offsets for {self.entries} entries, "
+                f"pitch {pitch}, row length {row_length}"
+            )
+
+    def linear(
+        self, x: torch.Tensor, bias: torch.Tensor | None, relu: bool = False
+    ) -> torch.Tensor:
+        """``act(x @ W^T + bias)`` for a row-major (batch, K) ``x``: (batch, M). At most
+        ``ROWS_MAX_BATCH`` rows run the rows kernel on ``x`` as it is, more the gather form
+        over ``x^T`` (its offsets cached per batch size)."""
+        fp32 = torch.float32
+        if (
+            x.dtype != fp32
+            or self.values.dtype != fp32
+            or (bias is not None and bias.dtype != fp32)
+            or x.device.type != "cpu"
+            or x.dim() != 2
+            or x.shape[1] != self.shape[1]
+        ):
+            result = self.reference(x.t()).t()
+            result = result if bias is None else result + bias.to(result)
+            return torch.relu(result) if relu else result
+        if bias is not None:
+            self._check_bias(bias)
+        batch = int(x.shape[0])
+        if batch <= ROWS_MAX_BATCH or x.numel() >= 2**31:
+            return self._rows(x, bias, relu)
+        offsets = self._batch_offsets.get(batch)
+        if offsets is None:
+            offsets = self._batch_offsets[batch] = self.col * batch
+        source = x.t().contiguous().reshape(1, -1)
+        out = source.new_empty(1, self.shape[0], batch)
+        self.gather(source, offsets, batch, batch, batch, out, bias, relu, check=False)
+        return out[0].t().contiguous()
+
+    def rows(self, x: torch.Tensor, bias: torch.Tensor | None, relu: bool = False) -> torch.Tensor:
+        """``act(x @ W^T + bias)`` by the rows kernel, for a (batch, K) fp32 ``x``."""
+        if not self._fast(x) or x.dim() != 2 or x.shape[1] != self.shape[1]:
+            raise ValueError(
+                f"rows takes a (batch, {self.shape[1]}) fp32 CPU tensor, got "
+                f"{tuple(x.shape)} {x.dtype} on {x.device}"
+            )
+        self._check_bias(bias)
+        return self._rows(x, bias, relu)
+
+    def _rows(self, x: torch.Tensor, bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
+        x = x.contiguous()
+        batch = int(x.shape[0])
+        out = x.new_empty(batch, self.shape[0])
+        if batch == 0 or self.shape[0] == 0:
+            return out
+        status = library().rows(
+            self.rowptr.data_ptr(), self.col.data_ptr(), self.values.data_ptr(),
+            None if bias is None else bias.data_ptr(), self.shape[0] // self.rows_per_block,
+            self.rows_per_block, x.data_ptr(), int(x.shape[1]), batch, out.data_ptr(),
+            self.shape[0], int(relu), torch.get_num_threads(),
+        )  # fmt: skip
+        if status:
+            raise ValueError(f"the native kernel refused block height {self.rows_per_block}")
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.name} ({self.isa}), shape={self.shape}, stored={self.entries} entries"

@@ -1,0 +1,561 @@
+"""The native sparse kernels equal dense products; the build falls back cleanly."""
+
+from __future__ import annotations
+
+import copy
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from benchlib.harness.verify import relative_error
+from benchlib.models import Model
+from benchlib.pruning.masks import block_masks
+from benchlib.sparse import (
+    ConvLayout,
+    GatherKernel,
+    NativeSparseMatrix,
+    NativeUnavailable,
+    SparseConv2d,
+    SparseLinear,
+    TorchSparseMatrix,
+    choose_kernel,
+    load_library,
+    sparsify,
+)
+from benchlib.sparse.build import build, cache_dir, compiler
+from benchlib.target import Precision
+from targets.cpu_sparse import CpuSparse
+from tests.test_sparse_modules import ConvCase, conv_cases, sparsify_weight
+
+EXACT = 1e-4
+"""fp32: the kernels sum the same terms as a dense product, in another order."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def native() -> None:
+    """Build (or load) the kernels once; skip only where there is no compiler at all: with a
+    compiler, a failing build fails the tests."""
+    loaded = load_library()
+    if isinstance(loaded, NativeUnavailable):
+        if compiler() is None:
+            pytest.skip(f"no C++ compiler: {loaded.reason}")
+        pytest.fail(f"the native kernels did not build: {loaded.reason}")
+
+
+def random_matrix(rows: int, cols: int, sparsity: float, seed: int, zeros: str) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    matrix = torch.randn(rows, cols, generator=generator)
+    matrix[torch.rand(rows, cols, generator=generator) < sparsity] = 0
+    if zeros == "rows":
+        matrix[::3] = 0
+    elif zeros == "all":
+        matrix.zero_()
+    return matrix
+
+
+@settings(deadline=None, max_examples=60)
+@given(
+    block_rows=st.integers(1, 12),
+    rows_per_block=st.sampled_from([1, 1, 2, 4, 8]),
+    cols=st.integers(1, 70),
+    columns=st.integers(0, 300),
+    sparsity=st.floats(0.0, 1.0),
+    zeros=st.sampled_from(["none", "none", "rows", "all"]),
+    seed=st.integers(0, 2**16),
+)
+def test_the_matrix_product_equals_dense(
+    block_rows: int,
+    rows_per_block: int,
+    cols: int,
+    columns: int,
+    sparsity: float,
+    zeros: str,
+    seed: int,
+) -> None:
+    matrix = random_matrix(block_rows * rows_per_block, cols, sparsity, seed, zeros)
+    if rows_per_block > 1:  # an Rx1 block pattern, as block pruning leaves it
+        keep = torch.rand(block_rows, 1, cols, generator=torch.Generator().manual_seed(seed)) < 0.4
+        matrix = (matrix.reshape(block_rows, rows_per_block, cols) * keep).reshape(matrix.shape)
+    kernel = NativeSparseMatrix(matrix, rows_per_block)
+    dense = torch.randn(cols, columns)
+    expected = matrix @ dense
+    actual = kernel(dense)
+    assert actual.shape == expected.shape
+    assert relative_error(actual, expected) <= EXACT
+    # the transposed row-major operand of a linear layer takes the rows / batch paths
+    rows_major = torch.randn(columns, cols)
+    assert relative_error(kernel(rows_major.t()), matrix @ rows_major.t()) <= EXACT
+
+
+def test_the_kernel_stores_what_it_claims() -> None:
+    matrix = torch.zeros(8, 6)
+    matrix[0:4, 1] = torch.tensor([1.0, 0.0, 3.0, 4.0])  # a block with a zero inside is kept
+    matrix[4:8, 5] = 2.0
+    csr = NativeSparseMatrix(matrix)
+    assert (csr.name, csr.format, csr.shape, csr.entries) == ("native-csr", "csr", (8, 6), 7)
+    assert csr.rowptr.tolist() == [0, 1, 1, 2, 3, 4, 5, 6, 7]
+    assert csr.stored_bytes() == 9 * 4 + 7 * 4 + 7 * 4
+    bsr = NativeSparseMatrix(matrix, 4)
+    assert (bsr.name, bsr.format, bsr.entries) == ("native-bsr-4x1", "bsr", 2)
+    assert bsr.col.tolist() == [1, 5]
+    assert bsr.values.tolist() == [[1.0, 0.0, 3.0, 4.0], [2.0, 2.0, 2.0, 2.0]]
+    assert bsr.stored_bytes() == 3 * 4 + 2 * 4 + 8 * 4
+    assert isinstance(csr, GatherKernel)
+
+
+def test_gather_drops_the_padded_columns_and_applies_bias_and_relu() -> None:
+    matrix = torch.tensor([[1.0, -2.0], [0.0, 0.0], [0.5, 0.0]])
+    kernel = NativeSparseMatrix(matrix)
+    source = torch.arange(24, dtype=torch.float32).reshape(1, 24) - 10
+    offsets = torch.tensor([0, 7, 3], dtype=torch.int32)  # entry e reads source[offsets[e] + q]
+    bias = torch.tensor([1.0, -1.0, 0.0])
+    out = torch.empty(1, 3, 3, 2)  # 3 rows of 2 kept columns, computed 3 apart (pitch 3)
+    kernel.gather(source, offsets, 8, 3, 2, out, bias, relu=True)
+    q = torch.tensor([0, 1, 3, 4, 6, 7])  # the kept columns of q in [0, 8)
+    x = source[0]
+    expected = torch.stack([x[q] - 2 * x[7 + q] + 1, torch.full((6,), -1.0), 0.5 * x[3 + q]]).clamp(
+        min=0
+    )
+    assert torch.equal(out.reshape(3, 6), expected)
+
+
+def test_gather_refuses_operands_that_do_not_fit() -> None:
+    kernel = NativeSparseMatrix(torch.eye(3))
+    source, out = torch.zeros(1, 10), torch.empty(1, 3, 4)
+    good = torch.zeros(3, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"6 torch\.int32 offsets for 3 entries"):
+        kernel.gather(source, torch.zeros(6, dtype=torch.int32), 4, 4, 4, out, None)
+    with pytest.raises(ValueError, match=r"need \(1, 3, 5\)"):
+        kernel.gather(source, good, 5, 5, 5, out, None)
+    with pytest.raises(ValueError, match="bias must be 3 contiguous fp32 values"):
+        kernel.gather(source, good, 4, 4, 4, out, torch.zeros(2))
+    with pytest.raises(ValueError, match="block height 3 must be one of"):
+        NativeSparseMatrix(torch.eye(6), 3)
+    with pytest.raises(ValueError, match=r"block height 4 must be one of .* divide the 6 rows"):
+        NativeSparseMatrix(torch.eye(6), 4)
+
+
+@settings(deadline=None, max_examples=60)
+@given(conv_cases(), st.sampled_from([1, 1, 2, 4]))
+def test_the_direct_conv_equals_the_dense_conv(case: ConvCase, block: int) -> None:
+    conv = case.conv
+    if block > 1:  # block-prune along the output channels when they divide
+        if conv.out_channels % block or conv.out_channels // conv.groups % block:
+            block = 1
+        else:
+            with torch.no_grad():
+                matrix = conv.weight.reshape(conv.out_channels, -1)
+                conv.weight.mul_(
+                    block_masks({"w": matrix}, block, 1, 0.6)["w"].view_as(conv.weight)
+                )
+    sparse = SparseConv2d.from_dense(conv, lambda m: NativeSparseMatrix(m, block))
+    assert sparse.gathers
+    with torch.no_grad():
+        expected = conv(case.input)
+        actual = sparse(case.input)
+    assert actual.shape == expected.shape
+    assert actual.is_contiguous()
+    assert relative_error(actual, expected) <= EXACT
+
+
+@pytest.mark.parametrize(
+    ("size", "kernel", "stride", "dilation", "padding", "groups"),
+    [
+        (56, 1, 1, 1, 0, 1),  # in place
+        (56, 1, 2, 1, 0, 1),  # a strided pointwise conv stores one phase
+        (15, 3, 2, 1, 1, 1),  # odd size, polyphase
+        (14, 3, 1, 2, 2, 1),  # dilated
+        (13, 5, 3, 1, 2, 2),  # stride 3, groups
+        (9, 3, 1, 1, 1, 8),  # depthwise
+        (7, 3, 2, 2, 0, 1),  # no padding, stride and dilation
+    ],
+)
+def test_direct_conv_layouts(
+    size: int, kernel: int, stride: int, dilation: int, padding: int, groups: int
+) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, kernel, stride, padding, dilation, groups).eval()
+    sparsify_weight(conv, 0.8, 0, "row")
+    sparse = SparseConv2d.from_dense(conv, NativeSparseMatrix)
+    x = torch.randn(2, 8, size, size + 1)
+    with torch.no_grad():
+        assert relative_error(sparse(x), conv(x)) <= EXACT
+        channels_last = x.to(memory_format=torch.channels_last)
+        assert relative_error(sparse(channels_last), conv(x)) <= EXACT
+    layout, offsets = sparse.layout(size, size + 1)
+    phases = {
+        (r * dilation % stride, s * dilation % stride) for r in range(kernel) for s in range(kernel)
+    }
+    assert set(layout.phases) == phases
+    assert layout.in_place == (stride == 1 and padding == 0 and layout.plane == size * (size + 1))
+    assert layout.plane % 16 == 0 or not sparse.reuse() >= 128 or kernel > 1
+    assert int(offsets.max()) + layout.columns <= layout.floats
+
+
+def test_the_layout_of_a_strided_conv_by_hand() -> None:
+    # 3x3, stride 2, padding 1 on 1 channel of 4x4: padded 6x6, phases of 3x3, output 2x2
+    layout = ConvLayout.of(1, (4, 4), (3, 3), (2, 2), (1, 1), (1, 1, 1, 1))
+    assert (layout.out_h, layout.out_w, layout.phase_h, layout.phase_w) == (2, 2, 3, 3)
+    assert layout.phases == ((0, 0), (0, 1), (1, 0), (1, 1))
+    assert (layout.columns, layout.pitch, layout.floats) == (5, 3, 36)
+    # column (r, s) reads phase (r % 2, s % 2) at row r // 2, col s // 2
+    assert layout.column_offsets().tolist() == [0, 9, 1, 18, 27, 19, 3, 12, 4]
+    x = torch.arange(1, 17, dtype=torch.float32).reshape(1, 1, 4, 4)
+    source = layout.source(x).reshape(4, 3, 3)
+    padded = F.pad(x, (1, 1, 1, 1))[0, 0]
+    for index, (a, b) in enumerate(layout.phases):
+        assert torch.equal(source[index], padded[a::2, b::2])
+    with pytest.raises(ValueError, match="smaller than the kernel"):
+        ConvLayout.of(1, (2, 2), (5, 5), (1, 1), (1, 1), (0, 0, 0, 0))
+
+
+@settings(deadline=None, max_examples=40)
+@given(
+    in_features=st.integers(1, 60),
+    out_features=st.integers(1, 24),
+    batch=st.integers(1, 17),
+    lead=st.sampled_from([(), (2,)]),
+    bias=st.booleans(),
+    rows_per_block=st.sampled_from([1, 1, 4, 8]),
+    sparsity=st.floats(0.5, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_the_linear_layer_equals_dense_at_every_batch(
+    in_features: int,
+    out_features: int,
+    batch: int,
+    lead: tuple[int, ...],
+    bias: bool,
+    rows_per_block: int,
+    sparsity: float,
+    seed: int,
+) -> None:
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_features, out_features * rows_per_block, bias=bias)
+    sparsify_weight(linear, sparsity, seed, "row")
+    sparse = SparseLinear.from_dense(linear, lambda m: NativeSparseMatrix(m, rows_per_block))
+    x = torch.randn(*lead, batch, in_features)
+    with torch.no_grad():
+        expected = linear(x)
+        actual = sparse(x)
+    assert actual.shape == expected.shape
+    assert relative_error(actual, expected) <= EXACT
+
+
+def test_other_dtypes_take_the_reference_product_and_copies_work() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    sparsify_weight(conv, 0.8, 0, "none")
+    sparse = SparseConv2d.from_dense(conv, NativeSparseMatrix)
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        assert relative_error(copy.deepcopy(sparse)(x), conv(x)) <= EXACT
+        doubled = copy.deepcopy(sparse).to(torch.float64)
+        assert relative_error(doubled(x.double()), conv.double()(x.double())) <= EXACT
+    linear = nn.Linear(5, 3)
+    sparse_linear = SparseLinear.from_dense(linear, NativeSparseMatrix).to(torch.float64)
+    with torch.no_grad():
+        y = torch.randn(2, 5, dtype=torch.float64)
+        assert relative_error(sparse_linear(y), linear.double()(y)) <= EXACT
+
+
+def test_the_default_kernel_is_native_with_its_block_format() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(16, 16)
+    assert choose_kernel(weight * (torch.rand(16, 16) < 0.2)).name == "native-csr"
+    for rows, cols in ((4, 1), (8, 1), (4, 4), (2, 2), (1, 4)):
+        blocked = weight * block_masks({"w": weight}, rows, cols, 0.75)["w"]
+        expected = "native-csr" if rows == 1 else f"native-bsr-{rows}x1"
+        assert choose_kernel(blocked).name == expected
+
+
+def test_without_native_kernels_torch_runs_and_the_report_says_why(
+    monkeypatch: pytest.MonkeyPatch, tiny_model: Model
+) -> None:
+    reason = "no C++ compiler found (set CXX, or install g++ or clang++)"
+    for where in ("benchlib.sparse.convert", "targets.cpu_sparse"):
+        monkeypatch.setattr(f"{where}.load_library", lambda: NativeUnavailable(reason))
+    layer = nn.Conv2d(4, 4, 3, padding=1)
+    sparsify_weight(layer, 0.95, 0, "none")
+    assert isinstance(choose_kernel(layer.weight.reshape(4, -1)), TorchSparseMatrix)
+    converted, [report] = sparsify(layer, 0.5)
+    assert report.kernel == "torch-csr"
+    assert report.reason.endswith(f"torch-csr because the native kernels are unavailable: {reason}")
+    x = torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        assert relative_error(converted(x), layer(x)) <= EXACT
+    prepared = CpuSparse(threshold=1.0, timed=False).prepare(
+        tiny_model.module, (tiny_model.example_input(1),), torch.device("cpu"), Precision.FP32
+    )
+    assert prepared.info["native"] == {"available": False, "reason": reason}
+    assert prepared.info["kernels"] == ["torch-csr"]
+
+
+def fake_compiler(directory: Path, exit_code: int) -> str:
+    script = directory / "fake-c++"
+    script.write_text(
+        f"#!/bin/sh\necho 'fake 1.0'\necho 'spmm.cpp:1: error: boom' >&2\nexit {exit_code}\n"
+    )
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return str(script)
+
+
+def test_build_failures_are_one_line_reasons(tmp_path: Path) -> None:
+    with pytest.raises(NativeUnavailable, match="no C\\+\\+ compiler found"):
+        build(tmp_path, None)
+    with pytest.raises(NativeUnavailable, match="cannot run the C\\+\\+ compiler"):
+        build(tmp_path, str(tmp_path / "missing-c++"))
+    with pytest.raises(
+        NativeUnavailable, match=r"could not compile spmm\.cpp: spmm\.cpp:1: error: boom"
+    ):
+        build(tmp_path, fake_compiler(tmp_path, 1))
+    assert not list(tmp_path.glob("*.so"))  # no half-written library is left
+
+
+def test_the_library_is_cached_per_machine(tmp_path: Path) -> None:
+    loaded = load_library()
+    assert not isinstance(loaded, NativeUnavailable)
+    assert loaded.isa in {"avx512", "avx2", "generic"}
+    again = build(loaded.path.parent, compiler())
+    assert (again.path, again.build_s) == (loaded.path, 0.0)
+    assert cache_dir({"BENCHLIB_CACHE_DIR": str(tmp_path)}) == tmp_path / "extensions"
+    assert cache_dir({}, home=tmp_path) == tmp_path / ".cache" / "benchlib" / "extensions"
+
+
+class Block(nn.Module):
+    """conv-bn-relu (a module ReLU), conv-bn then F.relu, a shared conv, a max pool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.shared = nn.Conv2d(8, 8, 1)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = self.pool(x)
+        return torch.relu(self.shared(self.shared(x)))
+
+
+def test_batchnorm_folds_and_relus_fuse_exactly() -> None:
+    from benchlib.sparse.fuse import fold_batchnorm, fuse_relu, trace
+    from benchlib.sparse.pool import NativeMaxPool2d, replace_max_pools
+
+    torch.manual_seed(0)
+    model = Block().eval()
+    for bn in (model.bn1, model.bn2):
+        with torch.no_grad():
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(0.5, 2)
+    for conv in (model.conv1, model.conv2, model.shared):
+        sparsify_weight(conv, 0.7, 0, "none")
+    x = torch.randn(2, 4, 9, 10)
+    with torch.no_grad():
+        expected = model(x)
+    traced = trace(model)
+    assert not isinstance(traced, str)
+    assert fold_batchnorm(traced) == 2
+    assert replace_max_pools(traced) == 1
+    assert isinstance(traced.get_submodule("pool"), NativeMaxPool2d)
+    converted, reports = sparsify(traced, 1.0, NativeSparseMatrix, in_place=True)
+    assert {r.name for r in reports} == {"conv1", "conv2", "shared"}
+    assert isinstance(converted, torch.fx.GraphModule)
+    assert fuse_relu(converted) == 2  # the shared conv, called twice, keeps its ReLU apart
+    assert converted.get_submodule("conv1").relu and not converted.get_submodule("shared").relu
+    with torch.no_grad():
+        assert relative_error(converted(x), expected) <= EXACT
+    assert "not traceable by torch.fx" in str(trace(Untraceable()))
+
+
+class Untraceable(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if bool(x.sum() > 0) else -x  # data-dependent control flow
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding", "dilation", "size"),
+    [(3, 2, 1, 1, (112, 112)), (2, 2, 0, 1, (7, 9)), (3, 1, 1, 2, (10, 11)), (4, 3, 2, 1, (13, 6))],
+)
+def test_native_max_pool_equals_torch_nan_included(
+    kernel: int, stride: int, padding: int, dilation: int, size: tuple[int, int]
+) -> None:
+    from benchlib.sparse.pool import NativeMaxPool2d
+
+    pool = nn.MaxPool2d(kernel, stride, padding, dilation)
+    native = NativeMaxPool2d.from_module(pool)
+    assert native is not None
+    x = torch.randn(2, 3, *size)
+    x[0, 1, 2, 3] = float("nan")
+    expected, actual = pool(x), native(x)
+    assert actual.shape == expected.shape
+    assert torch.equal(actual.isnan(), expected.isnan())
+    assert torch.equal(actual.nan_to_num(0.0), expected.nan_to_num(0.0))
+    doubled = native(x.double())  # not fp32: F.max_pool2d
+    assert torch.equal(doubled.nan_to_num(0.0), pool(x.double()).nan_to_num(0.0))
+    assert NativeMaxPool2d.from_module(nn.MaxPool2d(2, ceil_mode=True)) is None
+
+
+def test_keep_faster_swaps_back_what_is_not_faster() -> None:
+    from benchlib.sparse.tune import keep_faster
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.Flatten(), nn.Linear(8 * 36, 5)
+    )
+    for layer in (model[0], model[2], model[4]):
+        sparsify_weight(layer, 0.9, 0, "none")
+    dense = dict(model.named_modules())
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+    converted, reports = sparsify(copy.deepcopy(model), 1.0, NativeSparseMatrix)
+    dense = dict(model.named_modules())
+    sparse_is_faster = {"0": True, "2": False, "4": True}
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def timer(layer: nn.Module, x: torch.Tensor) -> float:  # a fake clock: no timing here
+        pairs = [*converted.named_children(), *dense.items()]
+        name = next(n for n, m in pairs if m is layer)
+        shapes[name] = tuple(x.shape)
+        is_sparse = isinstance(layer, (SparseConv2d, SparseLinear))
+        return 1.0 if is_sparse != sparse_is_faster[name] else 0.5
+
+    updated = keep_faster(converted, reports, dense, (x,), timer)
+    assert [r.sparse for r in updated] == [True, False, True]
+    assert (
+        updated[1].reason
+        == "not faster sparse: native-csr 1e+03 ms vs dense 500 ms on (1, 8, 6, 6)"
+    )
+    assert (updated[1].format, updated[1].kernel, updated[1].stored_bytes) == (
+        "dense",
+        None,
+        8 * 8 * 4,
+    )
+    assert updated[0].reason.endswith("; native-csr 500 ms vs dense 1e+03 ms on (1, 4, 8, 8)")
+    assert converted[2] is model[2] and isinstance(converted[0], SparseConv2d)
+    assert shapes == {"0": (1, 4, 8, 8), "2": (1, 8, 6, 6), "4": (1, 288)}
+    with torch.no_grad():
+        assert relative_error(converted(x), expected) <= EXACT
+
+
+def test_a_much_reused_pointwise_input_is_copied_into_aligned_planes() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 256, 1, bias=False).eval()  # 256 outputs: each input read ~200 times
+    sparsify_weight(conv, 0.2, 0, "none")
+    sparse = SparseConv2d.from_dense(conv, NativeSparseMatrix)
+    assert sparse.reuse() >= 128
+    layout, _ = sparse.layout(7, 7)
+    assert (layout.plane, layout.in_place, layout.floats) == (64, False, 8 * 64)
+    x = torch.randn(2, 8, 7, 7)
+    with torch.no_grad():
+        assert relative_error(sparse(x), conv(x)) <= EXACT
+    aligned = ConvLayout.of(3, (5, 5), (1, 1), (1, 1), (1, 1), (0, 0, 0, 0), align=True)
+    source = aligned.source(torch.arange(75, dtype=torch.float32).reshape(1, 3, 5, 5))
+    assert source.reshape(3, 32)[:, 25:].abs().sum() == 0  # the padding of each plane is zero
+    assert source.reshape(3, 32)[1, :25].tolist() == list(range(25, 50))
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "dilation", "padding", "align"),
+    [
+        (3, 2, 1, 1, False),
+        (1, 1, 1, 0, True),
+        (3, 1, 2, 2, False),
+        (1, 2, 1, 0, True),
+        (5, 3, 1, 2, False),
+    ],
+)
+def test_the_native_layout_copy_equals_the_torch_one(
+    monkeypatch: pytest.MonkeyPatch,
+    kernel: int,
+    stride: int,
+    dilation: int,
+    padding: int,
+    align: bool,
+) -> None:
+    layout = ConvLayout.of(
+        3,
+        (9, 8),
+        (kernel, kernel),
+        (stride, stride),
+        (dilation, dilation),
+        (padding,) * 4,
+        align=align,
+    )
+    x = torch.randn(2, 3, 9, 8)
+    native = layout.source(x)
+    monkeypatch.setattr("benchlib.sparse.direct.load_library", lambda: NativeUnavailable("test"))
+    assert torch.equal(native, layout.source(x))
+    assert native.shape == (2, layout.floats)
+
+
+class Bottleneck(nn.Module):
+    """torchvision's pattern: the downsample branch runs after conv3, then ``out += identity``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(8, 4, 1, bias=False)
+        self.conv2 = nn.Conv2d(4, 4, 3, stride=2, padding=1, bias=False)
+        self.conv3 = nn.Conv2d(4, 16, 1, bias=False)
+        self.downsample = nn.Conv2d(8, 16, 1, stride=2, bias=False)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.conv1(x))
+        out = self.relu(self.conv2(out))
+        out = self.conv3(out)
+        identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+def test_a_residual_add_and_its_relu_fuse_into_the_pointwise_conv() -> None:
+    from benchlib.sparse.fuse import fuse_relu, fuse_residual, trace
+
+    torch.manual_seed(0)
+    model = Bottleneck().eval()
+    for conv in (model.conv1, model.conv2, model.conv3, model.downsample):
+        sparsify_weight(conv, 0.6, 0, "none")
+    x = torch.randn(2, 8, 9, 9)
+    with torch.no_grad():
+        expected = model(x)
+    traced = trace(model)
+    assert not isinstance(traced, str)
+    converted, _ = sparsify(traced, 1.0, NativeSparseMatrix, in_place=True)
+    assert isinstance(converted, torch.fx.GraphModule)
+    assert fuse_residual(converted) == 1
+    assert fuse_relu(converted) == 3  # conv1, conv2 and conv3 (after its residual)
+    targets = [n.target for n in converted.graph.nodes if n.op == "call_module"]
+    assert targets.index("downsample") < targets.index("conv3")
+    with torch.no_grad():
+        assert relative_error(converted(x), expected) <= EXACT
+
+
+def test_a_residual_is_added_before_the_relu_on_every_path() -> None:
+    torch.manual_seed(0)
+    for conv in (nn.Conv2d(4, 6, 1), nn.Conv2d(4, 6, 3, padding=1)):  # fused, then not
+        sparsify_weight(conv, 0.5, 0, "none")
+        sparse = SparseConv2d.from_dense(conv, NativeSparseMatrix)
+        sparse.relu = True
+        x, residual = torch.randn(2, 4, 7, 5), torch.randn(2, 6, 7, 5)
+        with torch.no_grad():
+            expected = torch.relu(conv(x) + residual)
+            assert relative_error(sparse(x, residual), expected) <= EXACT
+            broadcast = residual[:, :1]  # not out's shape: added by torch after the kernel
+            assert relative_error(sparse(x, broadcast), torch.relu(conv(x) + broadcast)) <= EXACT
+    with pytest.raises(ValueError, match="a residual must be contiguous fp32 shaped as out"):
+        kernel = NativeSparseMatrix(torch.eye(3))
+        out = torch.empty(1, 3, 4)
+        kernel.gather(
+            torch.zeros(1, 12), kernel.col * 4, 4, 4, 4, out, None, residual=torch.zeros(3)
+        )
