@@ -1,10 +1,20 @@
 """``cpu-sparse``: conv and linear layers of low weight density run as sparse x dense products.
 
-``prepare`` converts every ``nn.Conv2d`` / ``nn.Linear`` whose weight density is at most the
-threshold (``benchlib.sparse.DEFAULT_THRESHOLD``, measured there) to a sparse module and keeps
-the others dense; ``info`` lists, per layer, what ran sparse, in which format and kernel, and
-the weight bytes stored against dense. The kernels are PyTorch's own sparse CSR / BSR products
-(MKL sparse BLAS on x86), which run on torch's thread pool, so ``--threads`` applies to them.
+``prepare`` (1) where the model traces with torch.fx, folds BatchNorm into the convs before it
+and runs max pooling natively (``benchlib.sparse.fuse`` / ``pool``); (2) converts every
+``nn.Conv2d`` / ``nn.Linear`` whose weight density is at most the threshold
+(``benchlib.sparse.CANDIDATE_THRESHOLD``, measured there) to a sparse module; (3) times each
+converted layer against its dense original on the input it really gets and keeps it sparse only
+where that is faster (``benchlib.sparse.tune``); (4) lets the sparse layers apply the ReLU that
+follows them. ``info`` lists, per layer, what ran sparse, in which format and kernel, why
+(density, and both timings), and the weight bytes stored against dense; ``info["fusion"]``
+counts the fusions (a residual add folded into the pointwise conv before it, too), or says
+why the model was not traced.
+
+The kernels are benchlib's own (``NativeSparseMatrix``: C++ built just in time, CSR and BSR
+Rx1, direct convolution without im2col); where they cannot build, PyTorch's sparse CSR / BSR
+products (MKL sparse BLAS on x86) run instead and ``info["native"]`` says why. Both run on
+torch's OpenMP threads, so ``--threads`` applies.
 """
 
 from __future__ import annotations
@@ -13,10 +23,20 @@ import time
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from benchlib.errors import ConfigError, ExportError
-from benchlib.sparse import DEFAULT_THRESHOLD, sparsify, totals
+from benchlib.sparse import (
+    CANDIDATE_THRESHOLD,
+    LayerReport,
+    NativeUnavailable,
+    load_library,
+    sparsify,
+    totals,
+)
+from benchlib.sparse.fuse import fold_batchnorm, fuse_relu, fuse_residual, trace
+from benchlib.sparse.pool import replace_max_pools
+from benchlib.sparse.tune import keep_faster
 from benchlib.target import DeviceKind, Precision, Prepared
 from targets._common import BoundInputs, place, synchronizer
 
@@ -29,18 +49,27 @@ class CpuSparse:
     precisions: ClassVar[frozenset[Precision]] = frozenset({Precision.FP32})
     exploits_sparsity: ClassVar[bool] = True
 
-    def __init__(self, threshold: float = DEFAULT_THRESHOLD) -> None:
-        """``threshold``: layers of weight density <= this run sparse. ConfigError outside
-        [0, 1]."""
+    def __init__(
+        self, threshold: float = CANDIDATE_THRESHOLD, *, timed: bool = True, fuse: bool = True
+    ) -> None:
+        """``threshold``: layers of weight density <= this are candidates to run sparse;
+        ``timed``: a candidate runs sparse only where it times faster than dense on its real
+        input (``benchlib.sparse.tune``), else every candidate does; ``fuse``: fold BatchNorm
+        into convs and ReLU into the sparse kernels, and run max pooling natively, where the
+        model traces with torch.fx (``benchlib.sparse.fuse``). ConfigError for a threshold
+        outside [0, 1] or flags that are not booleans."""
         if not 0.0 <= threshold <= 1.0:
             raise ConfigError(f"sparsity threshold {threshold} is outside [0, 1]")
-        self.threshold = threshold
+        for flag, value in (("timed", timed), ("fuse", fuse)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{self.name} option {flag}={value!r} must be True or False")
+        self.threshold, self.timed, self.fuse = threshold, timed, fuse
 
     def version(self) -> str | None:
         return f"torch {torch.__version__}"
 
     def unavailable_reason(self) -> str | None:
-        return None  # PyTorch's sparse CSR product is part of every CPU build
+        return None  # without the native kernels, PyTorch's sparse CSR product (every CPU build)
 
     def prepare(
         self,
@@ -61,7 +90,7 @@ class CpuSparse:
         placed, bound = place(model, inputs, device, precision)
         current = BoundInputs(bound, device, precision)
         start = time.perf_counter()
-        converted, layers = sparsify(placed, self.threshold, in_place=True)
+        converted, layers, fusion = self._convert(placed, bound)
         convert_s = time.perf_counter() - start
 
         def run() -> Any:
@@ -70,9 +99,22 @@ class CpuSparse:
 
         counts = totals(layers)
         formats = sorted({layer.format.upper() for layer in layers if layer.sparse})
+        loaded = load_library()
+        if isinstance(loaded, NativeUnavailable):
+            native: dict[str, Any] = {"available": False, "reason": loaded.reason}
+            engine = f"torch {torch.__version__} (sparse {'+'.join(formats) or 'CSR'})"
+        else:
+            native = {"available": True, "isa": loaded.isa, "build_s": loaded.build_s}
+            engine = (
+                f"benchlib native kernels ({loaded.isa}; sparse {'+'.join(formats) or 'CSR'}), "
+                f"torch {torch.__version__}"
+            )
         info: dict[str, Any] = {
-            "engine": f"torch {torch.__version__} (sparse {'+'.join(formats) or 'CSR'})",
+            "engine": engine,
+            "native": native,
             "threshold": self.threshold,
+            "timed": self.timed,
+            "fusion": fusion,
             **counts,
             "sparse_kernel_used": counts["sparse_layers"] > 0,
             "kernels": sorted({layer.kernel for layer in layers if layer.kernel is not None}),
@@ -81,3 +123,31 @@ class CpuSparse:
             "convert_s": convert_s,
         }
         return Prepared(run=run, synchronize=synchronizer(device), rebind=current.rebind, info=info)
+
+    def _convert(
+        self, model: nn.Module, inputs: tuple[torch.Tensor, ...]
+    ) -> tuple[nn.Module, list[LayerReport], dict[str, Any]]:
+        """Fuse (when asked and traceable), sparsify in place, keep only faster sparse layers
+        (when timed), fuse ReLUs; the model, its layer reports and what was fused."""
+        fusion: dict[str, Any] = {
+            "batchnorm_folded": 0,
+            "residual_fused": 0,
+            "relu_fused": 0,
+            "max_pools": 0,
+        }
+        if self.fuse:
+            traced = trace(model)
+            if isinstance(traced, str):
+                fusion["skipped"] = traced
+            else:
+                model = traced
+                fusion["batchnorm_folded"] = fold_batchnorm(traced)
+            fusion["max_pools"] = replace_max_pools(model)
+        dense = dict(model.named_modules())
+        converted, layers = sparsify(model, self.threshold, in_place=True)
+        if self.timed:
+            layers = keep_faster(converted, layers, dense, inputs)
+        if self.fuse and isinstance(converted, fx.GraphModule):
+            fusion["residual_fused"] = fuse_residual(converted)
+            fusion["relu_fused"] = fuse_relu(converted)
+        return converted, layers, fusion

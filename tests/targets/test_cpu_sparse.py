@@ -14,12 +14,16 @@ from benchlib.models import Model
 from benchlib.pruning import prune
 from benchlib.pruning.masks import block_masks
 from benchlib.sparse import (
+    CANDIDATE_THRESHOLD,
     DEFAULT_THRESHOLD,
+    NativeUnavailable,
     SparseConv2d,
     SparseLinear,
     TorchSparseMatrix,
     choose_kernel,
+    choose_torch_kernel,
     detect_block,
+    load_library,
     sparsify,
     totals,
 )
@@ -27,6 +31,16 @@ from benchlib.target import DeviceKind, Precision, TargetRegistry
 from targets.cpu_sparse import CpuSparse
 
 EXACT = 1e-4
+NATIVE = not isinstance(load_library(), NativeUnavailable)
+"""The native kernels built here (else PyTorch's products run: the expected names differ)."""
+CSR = "native-csr" if NATIVE else "torch-csr"
+
+
+def blocked(rows: int, cols: int) -> str:
+    """The kernel that runs an R x C block pattern by default."""
+    if NATIVE:
+        return f"native-bsr-{rows}x1" if rows > 1 else CSR
+    return f"torch-bsr-{rows}x{cols}" if rows == cols else CSR
 
 
 def with_density(layer: nn.Conv2d | nn.Linear, nonzeros: int) -> nn.Conv2d | nn.Linear:
@@ -83,7 +97,7 @@ def test_the_report_counts_the_bytes_stored() -> None:
     model = nn.Sequential(with_density(nn.Linear(16, 8), 10), nn.Linear(8, 2))
     _, reports = sparsify(model, 0.5)
     sparse, dense = reports
-    assert (sparse.format, sparse.kernel, sparse.sparse) == ("csr", "torch-csr", True)
+    assert (sparse.format, sparse.kernel, sparse.sparse) == ("csr", CSR, True)
     # 10 nonzeros in the first row (flat order) of the 8 x 16 weight:
     # 9 int32 row pointers + 10 int32 column indices + 10 fp32 values
     assert sparse.stored_bytes == 9 * 4 + 10 * 4 + 10 * 4
@@ -120,28 +134,27 @@ def test_unstructured_empty_and_full_matrices_have_no_block() -> None:
     assert detect_block(odd) is None
 
 
-def test_square_blocks_run_as_bsr_and_others_as_csr() -> None:
+def test_torch_runs_square_blocks_as_bsr_and_others_as_csr() -> None:
     torch.manual_seed(0)
     weight = torch.randn(16, 16)
     square = weight * block_masks({"w": weight}, 4, 4, 0.75)["w"]
     column = weight * block_masks({"w": weight}, 4, 1, 0.75)["w"]
-    assert choose_kernel(square).name == "torch-bsr-4x4"
-    assert choose_kernel(column).name == "torch-csr"
+    assert choose_torch_kernel(square).name == "torch-bsr-4x4"
+    assert choose_torch_kernel(column).name == "torch-csr"
     x = torch.randn(16, 3)
+    assert torch.allclose(choose_torch_kernel(square)(x), square @ x, atol=1e-5)
     assert torch.allclose(choose_kernel(square)(x), square @ x, atol=1e-5)
     conv = nn.Conv2d(16, 16, 1, bias=False)
     with torch.no_grad():
         conv.weight.copy_(column.reshape(16, 16, 1, 1))
     [report] = sparsify(nn.Sequential(conv), 0.5)[1]
-    assert (report.block, report.format, report.kernel) == ("4x1", "csr", "torch-csr")
+    expected = ("bsr", "native-bsr-4x1") if NATIVE else ("csr", "torch-csr")
+    assert (report.block, report.format, report.kernel) == ("4x1", *expected)
 
 
-@pytest.mark.parametrize(
-    ("block", "kernel"),
-    [((2, 2), "torch-bsr-2x2"), ((4, 4), "torch-bsr-4x4"), ((8, 8), "torch-bsr-8x8"),
-     ((8, 1), "torch-csr")],
-)  # fmt: skip
-def test_block_pruned_convs_are_exact_in_their_format(block: tuple[int, int], kernel: str) -> None:
+@pytest.mark.parametrize("block", [(2, 2), (4, 4), (8, 8), (8, 1), (4, 1), (1, 4)])
+def test_block_pruned_convs_are_exact_in_their_format(block: tuple[int, int]) -> None:
+    kernel = blocked(*block)
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 16, 3, stride=2, padding=2, dilation=2)
     with torch.no_grad():
@@ -200,12 +213,33 @@ def test_registered_target_declares_what_it_is() -> None:
     assert target.exploits_sparsity
     assert target.unavailable_reason() is None
     assert target.version() == f"torch {torch.__version__}"
-    assert target.threshold == DEFAULT_THRESHOLD
+    assert (target.threshold, target.timed, target.fuse) == (CANDIDATE_THRESHOLD, True, True)
+    with pytest.raises(ConfigError, match="cpu-sparse option timed='yes' must be True or False"):
+        CpuSparse(timed="yes")  # type: ignore[arg-type]
+
+
+def test_the_target_times_its_candidates_and_fuses(tiny_model: Model) -> None:
+    variant = prune(tiny_model, "magnitude:0.9[prune_first=true,prune_classifier=true]")
+    target = TargetRegistry.from_entry_points().get("cpu-sparse")
+    inputs = (variant.model.example_input(2),)
+    prepared = target.prepare(variant.module, inputs, torch.device("cpu"), Precision.FP32)
+    with torch.no_grad():
+        assert relative_error(prepared.run(), variant.module(*inputs)) <= EXACT
+    info = prepared.info
+    # TinyNet: conv1 -> bn1 folded; conv2 -> relu fused when conv2 stays sparse
+    assert info["fusion"]["batchnorm_folded"] == 1
+    assert info["fusion"]["max_pools"] == 0
+    candidates = [row for row in info["layers"] if row["density"] <= CANDIDATE_THRESHOLD]
+    assert candidates
+    for row in candidates:  # each one timed, the decision and both timings in the reason
+        assert " ms vs dense " in row["reason"]
+        assert row["sparse"] == (not row["reason"].startswith("not faster sparse"))
+    assert info["timed"] is True
 
 
 def test_a_magnitude_pruned_model_equals_eager(tiny_model: Model) -> None:
     variant = prune(tiny_model, "magnitude:0.9[prune_first=true,prune_classifier=true]")
-    target = TargetRegistry.from_entry_points().get("cpu-sparse")
+    target = CpuSparse(DEFAULT_THRESHOLD, timed=False)
     inputs = (variant.model.example_input(2),)
     prepared = target.prepare(variant.module, inputs, torch.device("cpu"), Precision.FP32)
     with torch.no_grad():
@@ -220,8 +254,12 @@ def test_a_magnitude_pruned_model_equals_eager(tiny_model: Model) -> None:
     assert info["sparse_layers"] == len(sparse)
     assert info["dense_layers"] == 3 - len(sparse)
     assert info["sparse_kernel_used"] is True
-    assert info["kernels"] == ["torch-csr"]
-    assert info["engine"] == f"torch {torch.__version__} (sparse CSR)"
+    assert info["kernels"] == [CSR]
+    if NATIVE:
+        assert info["native"]["available"] is True
+        assert info["engine"].startswith(f"benchlib native kernels ({info['native']['isa']}; ")
+    else:
+        assert info["engine"] == f"torch {torch.__version__} (sparse CSR)"
     assert info["weight_bytes_stored"] < info["weight_bytes_dense"]
     assert info["threads"] == torch.get_num_threads()
     assert info["convert_s"] >= 0
@@ -234,13 +272,19 @@ def test_a_magnitude_pruned_model_equals_eager(tiny_model: Model) -> None:
 
 
 def test_every_layer_runs_sparse_at_threshold_one(tiny_model: Model) -> None:
-    prepared = CpuSparse(threshold=1.0).prepare(
+    prepared = CpuSparse(threshold=1.0, timed=False).prepare(
         tiny_model.module, (tiny_model.example_input(1),), torch.device("cpu"), Precision.FP32
     )
     with torch.no_grad():
         expected = tiny_model.module(tiny_model.example_input(1))
     assert relative_error(prepared.run(), expected) <= EXACT
     assert prepared.info["sparse_layers"] == 3
+    assert prepared.info["fusion"] == {
+        "batchnorm_folded": 1,
+        "residual_fused": 0,
+        "relu_fused": 2,
+        "max_pools": 0,
+    }
     assert prepared.info["dense_layers"] == 0
 
 

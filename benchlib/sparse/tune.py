@@ -1,0 +1,112 @@
+"""Keep a layer sparse only where it is faster: each converted layer timed against its dense
+original on the input it really gets.
+
+Why timing and not a density table: where a sparse layer breaks even depends on its shape and
+on the machine. Measured on ResNet-50's layers (``benchmarks/sparse_kernels.py``, 2 threads,
+AMD EPYC, AVX-512), the native kernels break even between density 0.35 (a 1x1 conv at 14x14)
+and 0.6 (a strided 3x3 at 14x14); a table measured here would misjudge another CPU (AVX2, more
+cores, other caches), and a per-layer timing costs well under a second for ResNet-50. The
+density threshold stays as the gate: layers above it are never timed (at density 0.5 the
+best layer was 1.3x and most lost), which keeps preparation short and the choice stable where
+it cannot pay.
+
+``keep_faster`` runs the converted model once with hooks to capture every sparse layer's input
+(so the shapes are the real ones), times each sparse layer and then its dense original (median
+of ``REPS`` calls after two warm-up calls), and swaps the dense one back where it is not
+faster. The timer is a parameter, so tests decide without a clock.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from benchlib.sparse.convert import LayerReport
+
+Timer = Callable[[nn.Module, torch.Tensor], float]
+"""Seconds one call of a layer on an input takes (``median_seconds``)."""
+REPS = 7
+
+
+def median_seconds(layer: nn.Module, x: torch.Tensor, reps: int = REPS) -> float:
+    """Median seconds of ``layer(x)`` over ``reps`` calls after two warm-up calls."""
+    samples = []
+    with torch.inference_mode():
+        layer(x)
+        layer(x)
+        for _ in range(reps):
+            start = time.perf_counter_ns()
+            layer(x)
+            samples.append(time.perf_counter_ns() - start)
+    return statistics.median(samples) / 1e9
+
+
+def _inputs(model: nn.Module, names: set[str], args: tuple[Any, ...]) -> dict[str, torch.Tensor]:
+    """The first input each named layer receives in one forward pass of ``model``."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if name in names:
+
+            def hook(_: nn.Module, inputs: tuple[Any, ...], name: str = name) -> None:
+                if name not in seen and inputs and isinstance(inputs[0], torch.Tensor):
+                    seen[name] = inputs[0].detach().clone()
+
+            handles.append(module.register_forward_pre_hook(hook))
+    try:
+        with torch.inference_mode():
+            model(*args)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def keep_faster(
+    model: nn.Module,
+    reports: list[LayerReport],
+    dense: Mapping[str, nn.Module],
+    inputs: tuple[Any, ...],
+    timer: Timer = median_seconds,
+) -> list[LayerReport]:
+    """Swap back into ``model`` (in place) the dense layer of every sparse one that is not
+    faster on its real input; returns the reports, updated for the layers swapped back (and
+    with both timings in the reason of every timed layer).
+
+    ``dense`` maps a sparse layer's name to its dense original; ``inputs`` are the model's.
+    A layer that receives no tensor in that pass keeps its density decision.
+    """
+    sparse = {r.name for r in reports if r.sparse and r.name in dense and r.name}
+    seen = _inputs(model, sparse, inputs)
+    updated = []
+    for report in reports:
+        x = seen.get(report.name)
+        if x is None:
+            updated.append(report)
+            continue
+        layer = model.get_submodule(report.name)
+        sparse_s, dense_s = timer(layer, x), timer(dense[report.name], x)
+        timing = f"{report.kernel} {sparse_s * 1e3:.3g} ms vs dense {dense_s * 1e3:.3g} ms"
+        where = f"on {tuple(x.shape)}"
+        if sparse_s < dense_s:
+            updated.append(replace(report, reason=f"{report.reason}; {timing} {where}"))
+            continue
+        for name in [n for n, m in model.named_modules(remove_duplicate=False) if m is layer]:
+            model.set_submodule(name, dense[report.name])  # a shared layer everywhere
+        updated.append(
+            replace(
+                report,
+                sparse=False,
+                reason=f"not faster sparse: {timing} {where}",
+                format="dense",
+                kernel=None,
+                stored_bytes=report.dense_bytes,
+            )
+        )
+    return updated
