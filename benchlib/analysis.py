@@ -49,7 +49,8 @@ SLOWER_THAN_DENSE = "slower than dense"
 @dataclass(frozen=True, kw_only=True)
 class Row:
     """One cell of the summary: counts per image, latency in seconds, speedups as ratios,
-    ``achieved_flops_per_s`` in FLOP/s and ``roofline_share`` a fraction of the device's peak
+    ``achieved_flops_per_s`` in FLOP/s (of the MACs executed: ``executed_macs``) and
+    ``roofline_share`` a fraction of the device's peak
     (None: unknown device, printed "n/a"); ``peak_device`` names the peak table's row used."""
 
     model: str
@@ -156,6 +157,18 @@ def baselines(records: Iterable[CellRecord]) -> dict[Group, Baseline]:
     return found
 
 
+def executed_macs(record: CellRecord, row: Row) -> int | None:
+    """MACs per image the cell's kernels executed, for its achieved FLOP/s: dense kernels
+    multiply every weight, zeros included (``row.macs``); a target that ran sparse kernels
+    (``info["sparse_kernel_used"]``, cpu-sparse and cuda-sparse24) is credited its nonzero
+    MACs, the work it did, so that its FLOP/s is never above what the hardware can do. (Its
+    layers that stayed dense executed their zeros too; they are counted at their nonzero MACs,
+    a lower bound.)"""
+    if record.info.get("sparse_kernel_used") and row.nonzero_macs is not None:
+        return row.nonzero_macs
+    return row.macs
+
+
 def summarize_records(
     records: Iterable[CellRecord],
     environment: Mapping[str, Any] | None = None,
@@ -181,7 +194,7 @@ def summarize_records(
         stats = summarize(samples) if record.status is Status.OK and samples else None
         row = _row(record, stats, base)
         peak = find_peak(device_name(environment, record.device), table)
-        achieved = achieved_flops_per_s(row.macs, row.batch_size, row.median_s)
+        achieved = achieved_flops_per_s(executed_macs(record, row), row.batch_size, row.median_s)
         rows.append(
             dataclasses.replace(
                 row,

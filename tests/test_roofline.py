@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -103,6 +104,17 @@ def test_summary_rows_carry_achieved_flops_and_the_roofline_share() -> None:
     (bare,) = summarize_records([record("cuda")])  # no environment: n/a
     assert bare.roofline_share is None
     assert achieved_flops_per_s(None, 1, 0.1) is None
+
+
+def test_a_sparse_kernel_is_credited_the_macs_it_executed() -> None:
+    masked = dataclasses.replace(
+        record("cpu"), flops={"macs": 1_000_000_000, "nonzero_macs": 100_000_000}
+    )
+    (dense_kernels,) = summarize_records([masked])  # zeros multiplied: all MACs executed
+    assert dense_kernels.achieved_flops_per_s == pytest.approx(2 * 1e9 * 4 / 0.002)
+    skipped = dataclasses.replace(masked, info={"sparse_kernel_used": True})
+    (sparse_kernels,) = summarize_records([skipped])
+    assert sparse_kernels.achieved_flops_per_s == pytest.approx(2 * 1e8 * 4 / 0.002)
 
 
 def test_a_bad_table_is_a_config_error(tmp_path: Path) -> None:
