@@ -559,3 +559,79 @@ def test_a_residual_is_added_before_the_relu_on_every_path() -> None:
         kernel.gather(
             torch.zeros(1, 12), kernel.col * 4, 4, 4, 4, out, None, residual=torch.zeros(3)
         )
+
+
+@settings(deadline=None, max_examples=60)
+@given(
+    block_rows=st.integers(1, 9),
+    rows_per_block=st.sampled_from([1, 1, 2, 4, 8]),
+    cols=st.integers(1, 90),
+    block_columns=st.integers(1, 40),
+    columns=st.integers(1, 300),
+    pitch_extra=st.sampled_from([0, 0, 1, 3]),
+    images=st.integers(1, 2),
+    sparsity=st.floats(0.0, 1.0),
+    options=st.sampled_from(["none", "bias", "relu", "residual"]),
+    seed=st.integers(0, 2**16),
+)
+def test_column_blocks_compute_the_same_product(
+    block_rows: int,
+    rows_per_block: int,
+    cols: int,
+    block_columns: int,
+    columns: int,
+    pitch_extra: int,
+    images: int,
+    sparsity: float,
+    options: str,
+    seed: int,
+) -> None:
+    """``ksplit`` (the matrix's columns in blocks, partial sums kept between them) gives the
+    product of one block, in the direct form and the scatter form (pitch > row length)."""
+    rows = block_rows * rows_per_block
+    kernel = NativeSparseMatrix(random_matrix(rows, cols, sparsity, seed, "none"), rows_per_block)
+    row_length = max(1, min(columns, 20))
+    pitch = row_length + (0 if options == "residual" else pitch_extra)
+    generator = torch.Generator().manual_seed(seed + 1)
+    source = torch.randn(images, cols * columns, generator=generator)
+    offsets = (kernel.col * columns).contiguous()
+    rows_out = -(-columns // pitch)
+    out = torch.zeros(images, rows, rows_out * row_length)  # a partial last row stays 0
+    bias = torch.randn(rows, generator=generator) if options == "bias" else None
+    residual = torch.randn(out.shape, generator=generator) if options == "residual" else None
+    relu = options in ("relu", "residual")
+    args = (source, offsets, columns, pitch, row_length)
+    expected = kernel.gather(*args, torch.zeros_like(out), bias, relu, residual=residual)
+    ksplit = kernel.k_split(block_columns)
+    assert ksplit.shape == (block_rows, -(-cols // block_columns) + 1)
+    actual = kernel.gather(*args, out, bias, relu, residual=residual, ksplit=ksplit)
+    with pytest.raises(ValueError, match="ksplit must come from k_split"):
+        kernel.gather(*args, out, bias, relu, residual=residual, ksplit=ksplit[:, :1])
+    assert relative_error(actual, expected) <= EXACT
+    if rows * columns:
+        dense = kernel.reference(torch.eye(cols)).t()  # (cols, rows): W^T
+        flat = source.reshape(images, cols, columns).transpose(1, 2) @ dense  # (img, q, rows)
+        keep = torch.arange(columns) % pitch < row_length
+        reference = flat[:, keep].transpose(1, 2) + (0 if bias is None else bias.unsqueeze(1))
+        if residual is not None:
+            reference = reference + residual[..., : int(keep.sum())]
+        reference = reference.clamp(min=0) if relu else reference
+        assert relative_error(actual[..., : int(keep.sum())], reference) <= EXACT
+
+
+@pytest.mark.parametrize(
+    ("cin", "kernel", "stride", "size", "sparsity"),
+    [(256, 1, 1, 16, 0.5), (256, 1, 2, 32, 0.7), (32, 3, 1, 16, 0.5), (48, 3, 2, 32, 0.8)],
+)
+def test_large_convs_run_in_column_blocks_and_equal_dense(
+    cin: int, kernel: int, stride: int, size: int, sparsity: float
+) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, 24, kernel, stride, kernel // 2).eval()
+    sparsify_weight(conv, sparsity, 0, "none")
+    sparse = SparseConv2d.from_dense(conv, NativeSparseMatrix)
+    sparse.relu = True
+    x = torch.randn(2, cin, size, size)
+    assert sparse.ksplit(size, size) is not None
+    with torch.no_grad():
+        assert relative_error(sparse(x), torch.relu(conv(x))) <= EXACT

@@ -123,7 +123,7 @@ class ConvLayout:
         """Columns computed per image: output rows at ``pitch`` apart, the last one cut."""
         return (self.out_h - 1) * self.phase_w + self.out_w
 
-    @property
+    @functools.cached_property
     def in_place(self) -> bool:
         """The (contiguous) input is itself the source: stride 1, no padding, aligned planes."""
         return (

@@ -143,7 +143,12 @@ class GatherKernel(Protocol):
         *,
         check: bool = True,
         residual: torch.Tensor | None = None,
+        ksplit: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
+
+    def k_split(self, block_columns: int) -> torch.Tensor:
+        """The ``ksplit`` operand of ``gather`` for blocks of ``block_columns`` columns."""
+        ...
 
     def linear(
         self, x: torch.Tensor, bias: torch.Tensor | None, relu: bool = False
@@ -192,6 +197,8 @@ class SparseLinear(nn.Module):
         lead = x.shape[:-1]
         if self.gathers:  # the kernel takes every input (other dtypes by its reference path)
             kernel: GatherKernel = self.kernel  # type: ignore[assignment]
+            if x.dim() == 2:  # (batch, in_features) already: no reshapes (each costs ~1 us)
+                return kernel.linear(x, self.bias, self.relu)
             out = kernel.linear(x.reshape(-1, self.in_features), self.bias, self.relu)
             return out.reshape(*lead, self.out_features)
         out = self.kernel(x.reshape(-1, self.in_features).t())
@@ -223,6 +230,49 @@ input channel) copies its input into 64-byte aligned planes first. Measured at 9
 2 threads (in place -> aligned, us): 512 -> 2048 @7x7 (reuse 205) 110 -> 97; 1024 -> 256
 @14x14 (reuse 26) 100 -> 117; 2048 -> 512 @7x7 (reuse 51) 117 -> 135: the copy costs more than
 the aligned loads save until the reuse is high."""
+
+
+KSPLIT_MIN_ENTRIES = 24
+"""Stored entries per block row and column block that make splitting a conv's input channels
+into blocks (``NativeSparseMatrix.gather``'s ``ksplit``) pay: each block costs a row a load and
+a store of its partial sums. Measured, 2 threads (one block -> split, us): 1x1 256 -> 128
+@56x56 at 50% 840 -> 393 (blocks of 64 channels), at 90% 125 -> 117 (128); 1x1 1024 -> 256
+@14x14 at 50% 399 -> 228 (64), at 90% 90 -> 83 (256); 1x1 2048 -> 512 @7x7 at 50% 396 -> 306
+(128), at 90% 112 -> 107 (256), with blocks of 64 at 90% (about 13 entries): 129; 3x3 128 ->
+128 @28x28 at 90% 184 -> 150 (32), 3x3/2 128 -> 128 @56x56 at 50% 880 -> 703 (16); but 3x3
+512 -> 512 @7x7 (61 columns, one tile) at 50% 831 -> 875 (32)."""
+KSPLIT_MIN_DENSITY_1X1 = 0.075
+"""Below this fraction of stored entries a 1x1 conv runs in one block: at 95% sparsity the
+split measured no faster, or slower (2048 -> 512 @7x7, blocks of 512: 68 -> 71 us)."""
+L1_FLOATS = 8192
+"""The strip of the input that a column tile reads per channel block, at most: 32 KiB, in a
+48 KiB L1 with room for the partial sums."""
+
+
+def column_block(kernel: MatrixKernel, columns: int, kernel_size: tuple[int, int]) -> int | None:
+    """The matrix columns per block (whole input channels) for a conv's direct form over
+    ``columns`` computed columns (``KSPLIT_MIN_ENTRIES``), or None where one block is best: the
+    input strip of a tile fits in L1 already, or one block would span every channel. A
+    channel's strip is ``kh`` input rows of a tile (the ``kw`` taps of a row share its lines)."""
+    rows, cols = kernel.shape
+    block_rows = rows // max(1, int(getattr(kernel, "rows_per_block", 1)))
+    col = getattr(kernel, "col", None)
+    taps = kernel_size[0] * kernel_size[1]
+    if col is None or not block_rows or not cols or not columns or cols % taps:
+        return None
+    channels = cols // taps
+    if taps > 1 and columns < 128:  # one narrow tile of a small image: measured, no gain
+        return None
+    strip = min(-(-columns // 16) * 16, 128) * kernel_size[0]  # floats per channel and tile
+    if channels * strip <= L1_FLOATS:
+        return None
+    density = int(col.numel()) / (block_rows * cols)
+    if taps == 1 and density < KSPLIT_MIN_DENSITY_1X1:
+        return None
+    width = max(1, 1 << max(0, (L1_FLOATS // strip).bit_length() - 1))  # channels
+    while width * taps * density < KSPLIT_MIN_ENTRIES and width < channels:
+        width *= 2
+    return None if width >= channels else width * taps
 
 
 def _entries(kernel: MatrixKernel) -> int:
@@ -270,6 +320,7 @@ class SparseConv2d(nn.Module):
         self.gathers = isinstance(kernel, GatherKernel)
         self.relu = False
         self._layouts: dict[tuple[int, int], tuple[ConvLayout, torch.Tensor]] = {}
+        self._ksplits: dict[tuple[int, int], torch.Tensor | None] = {}
 
     @classmethod
     def from_dense(
@@ -337,13 +388,27 @@ class SparseConv2d(nn.Module):
             cached = self._layouts[key] = (layout, layout.entry_offsets(kernel.col))
         return cached
 
+    def ksplit(self, height: int, width: int) -> torch.Tensor | None:
+        """The column-block bounds ``gather`` runs the direct form with on an input of
+        (height, width) pixels (``column_block``), or None (built once per size)."""
+        key = (height, width)
+        if key not in self._ksplits:
+            layout, _ = self.layout(height, width)
+            kernel: GatherKernel = self.kernel  # type: ignore[assignment]
+            block = (
+                column_block(kernel, layout.columns, self.kernel_size) if self.groups == 1 else None
+            )
+            self._ksplits[key] = None if block is None else kernel.k_split(block)
+        return self._ksplits[key]
+
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """The conv of ``x``, plus ``residual`` when given (added before the ReLU of ``relu``;
         ``fuse.fuse_residual`` passes the identity branch of a residual block here)."""
         n, c, h, w = x.shape
         if self.gathers:
             kernel: GatherKernel = self.kernel  # type: ignore[assignment]
-            if kernel.accepts(x) if self.bias is None else kernel.accepts(x, self.bias):
+            bias = self.bias
+            if kernel.accepts(x) if bias is None else kernel.accepts(x, bias):
                 layout, offsets = self.layout(h, w)
                 out = x.new_empty(n, self.out_channels, layout.out_h, layout.out_w)
                 fused = (
@@ -360,10 +425,11 @@ class SparseConv2d(nn.Module):
                         layout.pitch,
                         layout.out_w,
                         out,
-                        self.bias,
+                        bias,
                         self.relu and (residual is None or fused),
                         check=False,  # every operand built here, the offsets checked by layout()
                         residual=residual.contiguous() if fused and residual is not None else None,
+                        ksplit=self.ksplit(h, w),
                     ),
                     None if fused else residual,
                 )

@@ -79,6 +79,7 @@ class NativeSparseMatrix(nn.Module):
         self.register_buffer("col", col.to(torch.int32).contiguous())
         self.register_buffer("values", blocks[block_row, :, col].contiguous())  # (entries, R)
         self._batch_offsets: dict[int, torch.Tensor] = {}
+        self._k_splits: dict[int, torch.Tensor] = {}
 
     @property
     def entries(self) -> int:
@@ -105,8 +106,8 @@ class NativeSparseMatrix(nn.Module):
     def _fast(self, *tensors: torch.Tensor) -> bool:
         if self.values.dtype != torch.float32:
             return False
-        for tensor in tensors:  # a loop, not all(...): this runs on every layer call
-            if tensor.dtype != torch.float32 or tensor.is_cuda or tensor.device.type != "cpu":
+        for tensor in tensors:  # noqa: SIM110 - a loop, not all(...): runs on every layer call
+            if tensor.dtype != torch.float32 or not tensor.is_cpu:
                 return False
         return True
 
@@ -160,12 +161,15 @@ class NativeSparseMatrix(nn.Module):
         *,
         check: bool = True,
         residual: torch.Tensor | None = None,
+        ksplit: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``out[b, m, place(q)] = act(bias[m] + sum_e W[m, k_e] * source[b, offsets[e] + q]
         (+ residual[b, m, place(q)]))`` for q in [0, columns), where place(q) = (q // pitch) *
         row_length + q % pitch and the columns with q % pitch >= row_length are dropped; ``act``
         is ReLU when ``relu``. A ``residual`` (shaped and laid out as ``out``) needs
-        ``pitch == row_length``.
+        ``pitch == row_length``. A ``ksplit`` from ``k_split`` runs the matrix's columns in
+        blocks, outer over each column tile: the same sums (their order differs), with the
+        block of ``source`` a tile reads kept in L1.
 
         ``source`` (images, floats) and ``out`` (images, M, ...) contiguous fp32, ``offsets``
         int32 per stored entry with ``max(offsets) + columns <= floats``: the bound is the
@@ -178,6 +182,16 @@ class NativeSparseMatrix(nn.Module):
         if check:
             self._check_gather(source, offsets, columns, pitch, row_length, out, rows_out)
             self._check_bias(bias)
+            if ksplit is not None and (
+                ksplit.dtype != torch.int32
+                or not ksplit.is_contiguous()
+                or ksplit.dim() != 2
+                or ksplit.shape[0] != self.shape[0] // self.rows_per_block
+                or ksplit.shape[1] < 2
+            ):
+                raise ValueError(
+                    f"ksplit must come from k_split: got {tuple(ksplit.shape)} {ksplit.dtype}"
+                )
         if residual is not None and (
             residual.shape != out.shape
             or not residual.is_contiguous()
@@ -197,11 +211,33 @@ class NativeSparseMatrix(nn.Module):
             None if bias is None else bias.data_ptr(), self.shape[0] // self.rows_per_block,
             self.rows_per_block, source.data_ptr(), int(source.shape[1]), images, columns, pitch,
             row_length, out.data_ptr(), self.shape[0] * plane, plane, int(relu),
-            None if residual is None else residual.data_ptr(), torch.get_num_threads(),
+            None if residual is None else residual.data_ptr(),
+            None if ksplit is None else ksplit.data_ptr(),
+            0 if ksplit is None else int(ksplit.shape[-1]) - 1,
+            torch.get_num_threads(),
         )  # fmt: skip
         if status:
             raise ValueError(f"the native kernel refused its operands (status {status})")
         return out
+
+    def k_split(self, block_columns: int) -> torch.Tensor:
+        """int32 (block rows, blocks + 1): where each block row's entries on the matrix columns
+        ``[k * block_columns, (k + 1) * block_columns)`` begin, for ``gather``'s ``ksplit``
+        (cached per block width). Raises ValueError for a width below 1."""
+        if block_columns < 1:
+            raise ValueError(f"a column block must be at least 1 column, got {block_columns}")
+        cached = self._k_splits.get(block_columns)
+        if cached is None:
+            block_rows, cols = self.shape[0] // self.rows_per_block, self.shape[1]
+            blocks = max(1, -(-cols // block_columns))
+            counts = (self.rowptr[1:] - self.rowptr[:-1]).long()
+            row = torch.repeat_interleave(torch.arange(block_rows), counts)
+            key = row * cols + self.col.long()  # ascending: rows in order, columns sorted
+            edges = (torch.arange(blocks + 1) * block_columns).clamp(max=cols)
+            bounds = torch.arange(block_rows).unsqueeze(1) * cols + edges.unsqueeze(0)
+            found = torch.searchsorted(key, bounds.reshape(-1)).reshape(block_rows, blocks + 1)
+            cached = self._k_splits[block_columns] = found.to(torch.int32).contiguous()
+        return cached
 
     def _check_gather(
         self,
@@ -244,7 +280,7 @@ class NativeSparseMatrix(nn.Module):
             x.dtype != fp32
             or self.values.dtype != fp32
             or (bias is not None and bias.dtype != fp32)
-            or x.device.type != "cpu"
+            or not x.is_cpu
             or x.dim() != 2
             or x.shape[1] != self.shape[1]
         ):

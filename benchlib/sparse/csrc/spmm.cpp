@@ -18,6 +18,11 @@
 // a per-row cost), on the OpenMP runtime torch itself uses. Plain IEEE arithmetic, no
 // fast-math: only the order of the sums differs from a dense product.
 //
+// Column blocks (ksplit, optional): a row's entries are sorted by column, so those on a block of
+// W's columns (a block of input channels) are a contiguous range; with blocks outer over a
+// tile, the strip of X one block reads stays in L1 for all the rows, and the partial sums wait
+// in Y (or in a per-thread buffer of all the rows' tiles, scattered at the end).
+//
 // The "rows" kernel is the small-batch linear layer: X row-major (batch, K), Y (batch, M).
 //
 // No exceptions cross the C boundary: the Python side validates every argument; the functions
@@ -174,14 +179,17 @@ struct Problem {
   int64_t ldy;      // floats between rows of Y
   bool relu;
   const float* residual;  // null, or added before the ReLU: laid out as Y (direct form only)
+  const int32_t* ksplit;  // null, or per block row the kblocks + 1 bounds of its column blocks
+  int64_t kblocks;
 };
 
 // Entries [begin, end) of one block row into NV vectors x R rows of accumulators; U > 1
 // splits the entries over U sets of accumulators (summed at the end) so that a narrow tile
 // still has enough independent FMA chains to hide the FMA latency.
-template <int R, int NV, int U, bool TAIL>
+// ACC: start from the partial sums in out (a later block of columns), not from bias + res.
+template <int R, int NV, int U, bool TAIL, bool ACC = false>
 inline void tile(const Problem& p, int64_t begin, int64_t end, const float* x, VM tail,
-                 const float* bias, float* out, int64_t ldo, const float* res) {
+                 const float* bias, float* out, int64_t ldo, const float* res, bool relu) {
   VT acc[U][R][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
@@ -189,7 +197,10 @@ inline void tile(const Problem& p, int64_t begin, int64_t end, const float* x, V
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
       acc[0][r][v] = b;
-      if (res) {
+      if (ACC) {
+        const float* op = out + r * ldo + v * V::W;
+        acc[0][r][v] = (TAIL && v == NV - 1) ? V::loadm(op, tail) : V::load(op);
+      } else if (res) {
         const float* rp = res + r * ldo + v * V::W;
         acc[0][r][v] = V::add(b, (TAIL && v == NV - 1) ? V::loadm(rp, tail) : V::load(rp));
       }
@@ -232,7 +243,7 @@ inline void tile(const Problem& p, int64_t begin, int64_t end, const float* x, V
       VT s = acc[0][r][v];
 #pragma GCC unroll 4
       for (int u = 1; u < U; ++u) s = V::add(s, acc[u][r][v]);
-      if (p.relu) s = V::relu(s);
+      if (relu) s = V::relu(s);
       if (TAIL && v == NV - 1)
         V::storem(out + r * ldo + v * V::W, s, tail);
       else
@@ -275,15 +286,43 @@ template <int R, int NV, int U, bool TAIL>
 void tile_rows(const Problem& p, int64_t i0, int64_t i1, const float* x, float* y,
                const float* res, int64_t q0, int64_t cols, VM tail, float* tmp, int64_t tw) {
   const bool direct = p.pitch == p.row_len;
+  if (p.ksplit) {
+    // Column blocks outer: the rows' entries on one block of X's rows (a strip that stays in
+    // L1), the partial sums kept between blocks in Y (direct form) or in tmp, which then
+    // holds (i1 - i0) * R rows of tw floats, scattered at the end.
+    const int64_t kb_count = p.kblocks, last = kb_count - 1;
+    for (int64_t kb = 0; kb < kb_count; ++kb) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int32_t* ks = p.ksplit + i * (kb_count + 1) + kb;
+        const int64_t at = i * R * p.ldy + q0;
+        float* o = direct ? y + at : tmp + (i - i0) * R * tw;
+        const int64_t ldo = direct ? p.ldy : tw;
+        const bool relu = p.relu && kb == last;
+        if (kb == 0)
+          tile<R, NV, U, TAIL, false>(p, ks[0], ks[1], x + q0, tail,
+                                      p.bias ? p.bias + i * R : nullptr, o, ldo,
+                                      direct && res ? res + at : nullptr, relu);
+        else
+          tile<R, NV, U, TAIL, true>(p, ks[0], ks[1], x + q0, tail, nullptr, o, ldo, nullptr,
+                                     relu);
+      }
+    }
+    if (!direct)
+      for (int64_t i = i0; i < i1; ++i)
+        for (int r = 0; r < R; ++r)
+          scatter(tmp + ((i - i0) * R + r) * tw, q0, cols, p.pitch, p.row_len,
+                  y + (i * R + r) * p.ldy);
+    return;
+  }
   for (int64_t i = i0; i < i1; ++i) {
     const float* bias = p.bias ? p.bias + i * R : nullptr;
     if (direct) {
       const int64_t at = i * R * p.ldy + q0;
       tile<R, NV, U, TAIL>(p, p.rowptr[i], p.rowptr[i + 1], x + q0, tail, bias, y + at, p.ldy,
-                           res ? res + at : nullptr);
+                           res ? res + at : nullptr, p.relu);
     } else {
       tile<R, NV, U, TAIL>(p, p.rowptr[i], p.rowptr[i + 1], x + q0, tail, bias, tmp, tw,
-                           nullptr);
+                           nullptr, p.relu);
       for (int r = 0; r < R; ++r)
         scatter(tmp + r * tw, q0, cols, p.pitch, p.row_len, y + (i * R + r) * p.ldy);
     }
@@ -319,7 +358,10 @@ void block_rows(const Problem& p, int64_t i0, int64_t i1, int64_t u0, int64_t u1
   constexpr int NVMAX = max_nv<R>();
   constexpr int64_t TW = NVMAX * V::W;
   const int64_t tiles = (p.n + TW - 1) / TW;
-  alignas(64) float tmp[R * kMaxTile];
+  alignas(64) float small[R * kMaxTile];
+  std::vector<float> rows_tmp;  // the partial sums of every row: column blocks, scatter form
+  if (p.ksplit && p.pitch != p.row_len) rows_tmp.resize(static_cast<size_t>((i1 - i0) * R * TW));
+  float* tmp = rows_tmp.empty() ? small : rows_tmp.data();
   for (int64_t u = u0; u < u1; ++u) {
     const int64_t b = u / tiles, q0 = (u % tiles) * TW;
     const int64_t cols = std::min(TW, p.n - q0);
@@ -593,15 +635,21 @@ const char* benchlib_spmm_isa() { return kIsa; }
 
 // Gather form (see the top of this file). y must hold images * y_image floats; for every
 // entry, off + n - 1 must lie inside X's image (the caller checks). A residual (laid out as y;
-// direct form, pitch == row_len, only: else 2 is returned) is added before the ReLU.
+// direct form, pitch == row_len, only: else 2 is returned) is added before the ReLU. ksplit
+// (null, or ignored when kblocks < 1) holds per block row the kblocks + 1 entry bounds
+// of its blocks of columns: entry j of row i lies in block kb when ksplit[i * (kblocks + 1) +
+// kb] <= j < ksplit[i * (kblocks + 1) + kb + 1]; the blocks run outer over each tile.
 int benchlib_spmm_gather(const int32_t* rowptr, const int32_t* off, const float* val,
                          const float* bias, int64_t block_rows, int64_t R, const float* x,
                          int64_t x_image, int64_t images, int64_t n, int64_t pitch,
                          int64_t row_len, float* y, int64_t y_image, int64_t ldy, int relu,
-                         const float* residual, int threads) {
+                         const float* residual, const int32_t* ksplit, int64_t kblocks,
+                         int threads) {
   if (residual && pitch != row_len) return 2;  // the residual is added in the direct form only
-  const Problem p{rowptr, off,   val,     bias, block_rows, x,   x_image,    images,  n,
-                  pitch,  row_len, y,     y_image, ldy,  relu != 0, residual};
+  if (kblocks < 1) ksplit = nullptr;
+  const Problem p{rowptr,  off,     val,  bias,      block_rows, x,      x_image,
+                  images,  n,       pitch, row_len,  y,          y_image, ldy,
+                  relu != 0, residual, ksplit, ksplit ? kblocks : 1};
   return dispatch<Gather>(R, p, threads);
 }
 
@@ -612,7 +660,7 @@ int benchlib_spmm_rows(const int32_t* rowptr, const int32_t* off, const float* v
                        int64_t x_image, int64_t images, float* y, int64_t y_image, int relu,
                        int threads) {
   const Problem p{rowptr, off, val, bias, block_rows, x, x_image, images, 1, 1, 1, y, y_image,
-                  1,      relu != 0, nullptr};
+                  1,      relu != 0, nullptr, nullptr, 1};
   return dispatch<Rows>(R, p, threads);
 }
 
