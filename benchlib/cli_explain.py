@@ -117,7 +117,7 @@ def explain_cell(
     base = profiled_baseline(records, record.key)
     profiled = tuple(dict.fromkeys(r.key.target for r in records if r.layer_profile is not None))
     notes = cell_findings(record, row)
-    if record.layer_profile is None or base is None or base.layer_profile is None:
+    if record.layer_profile is None or base is None:  # base: a profiled dense cell
         return Explained(row, None, notes, profiled)
     return Explained(row, explain(record, base), notes, profiled)
 

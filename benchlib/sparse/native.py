@@ -275,15 +275,8 @@ class NativeSparseMatrix(nn.Module):
         """``act(x @ W^T + bias)`` for a row-major (batch, K) ``x``: (batch, M). At most
         ``ROWS_MAX_BATCH`` rows run the rows kernel on ``x`` as it is, more the gather form
         over ``x^T`` (its offsets cached per batch size)."""
-        fp32 = torch.float32
-        if (
-            x.dtype != fp32
-            or self.values.dtype != fp32
-            or (bias is not None and bias.dtype != fp32)
-            or not x.is_cpu
-            or x.dim() != 2
-            or x.shape[1] != self.shape[1]
-        ):
+        fast = self._fast(x) if bias is None else self._fast(x, bias)
+        if not fast or x.dim() != 2 or x.shape[1] != self.shape[1]:
             result = self.reference(x.t()).t()
             result = result if bias is None else result + bias.to(result)
             return torch.relu(result) if relu else result
