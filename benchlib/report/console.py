@@ -560,13 +560,17 @@ def render_report(
 ) -> Group:
     """Everything ``bench report`` prints: the environment ``facts`` (label, value), then per
     model its variants, the matrix (split to fit ``width`` characters) and the detail tables
-    per target; the legend, the suspect cells with their reasons and the cells without a
-    result."""
+    per target, and what the sparse-kernel cells ran; the legend, the suspect cells with
+    their reasons and the cells without a result."""
+    from benchlib.report.kernels import kernels_grid  # it builds on this module's Grid
+
     parts: list[RenderableType] = [Text(f"{k}: {v}") for k, v in facts]
     for model, mine in by_model(views).items():
         rows = [v.row for v in mine]
         parts.append(variants_table(f"{model} (per image: nonzero / all)", rows))
         parts += [grid_table(g) for g in matrix_grids(mine, width) + detail_grids(mine)]
+        if (ran := kernels_grid(mine)) is not None:
+            parts.append(grid_table(ran))
     parts.append(Text(f"{LEGEND} {MATRIX_NOTE}", style="dim"))
     for extra in (suspects_grid(views), failures_grid(v.row for v in views)):
         if extra is not None:

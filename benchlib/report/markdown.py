@@ -29,6 +29,7 @@ from benchlib.report.console import (
     suspects_grid,
     variants_grid,
 )
+from benchlib.report.kernels import kernels_grid
 from benchlib.report.layers import (
     LAYER_LEGEND,
     coverage_text,
@@ -161,6 +162,8 @@ def _model_section(
     parts += [grid_markdown(grid) for grid in matrix_grids(views, width=None)]
     parts += [f"![{path.stem}]({path.name})\n" for path in plots if path.name not in layer_plots]
     parts += [grid_markdown(grid) for grid in detail_grids(views)]
+    if (ran := kernels_grid(views)) is not None:
+        parts.append(grid_markdown(ran))
     if explained:
         parts += _layers_section(explained, {p.name for p in plots} & layer_plots)
     return parts
@@ -195,9 +198,10 @@ def render_markdown(
     explained: Sequence[Explanation] = (),
 ) -> str:
     """The report of ``data`` as Markdown: environment, per model the variants, the matrix,
-    the embedded ``plots`` (model -> PNG paths beside report.md) and the detail tables per
-    target; then the suspect cells, the cells without a result and the legend. ``note`` is
-    one line added under the environment (e.g. why there are no plots); ``views`` are
+    the embedded ``plots`` (model -> PNG paths beside report.md), the detail tables per
+    target and what the sparse-kernel cells ran (``benchlib.report.kernels``); then the
+    suspect cells, the cells without a result and the legend. ``note`` is one line added
+    under the environment (e.g. why there are no plots); ``views`` are
     ``cell_views(data.records)`` when the caller has them already; ``explained`` the
     per-layer explanations of profiled cells (``benchlib.diagnosis.explain_run``), shown per
     model after its detail tables."""
