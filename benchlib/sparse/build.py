@@ -1,4 +1,4 @@
-"""Building benchlib's native sparse kernels (``csrc/spmm.cpp``) just in time, once per machine.
+"""Building benchlib's native sparse kernels (``csrc/``) just in time, once per machine.
 
 Route, and why: the kernels are plain C++ (no torch or pybind headers) compiled by the system
 C++ compiler into a shared library that ``ctypes`` loads. That builds in about 3 s on 2 cores
@@ -36,7 +36,11 @@ from pathlib import Path
 from typing import IO
 
 CACHE_ENV = "BENCHLIB_CACHE_DIR"
-SOURCE = Path(__file__).with_name("csrc") / "spmm.cpp"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "spmm.cpp", CSRC / "layout.cpp")
+"""Compiled into one library: the sparse products, and the conv layout copy and max pooling."""
+HEADERS = (CSRC / "common.h",)
+"""Included by the sources (the vector type per instruction set, the OpenMP loop)."""
 BASE_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno")
 """``-fno-math-errno`` only lets the compiler skip errno for math calls; no fast-math."""
 ARCH_FLAGS = (("-march=native", "-fopenmp"), ("-fopenmp",), ("-march=native",), ())
@@ -57,7 +61,7 @@ class NativeUnavailable(Exception):
 @dataclass(frozen=True)
 class NativeLibrary:
     """The loaded kernels: ``gather``, ``rows``, ``conv_layout`` and ``max_pool2d`` are the
-    ``benchlib_``-prefixed functions of ``csrc/spmm.cpp`` with their argument types set."""
+    ``benchlib_``-prefixed functions of ``csrc/*.cpp`` with their argument types set."""
 
     path: Path
     isa: str
@@ -115,20 +119,22 @@ def _first_error(output: str) -> str:
 
 
 def _compile(cxx: str, target: Path) -> None:
-    """Compile SOURCE into ``target`` (atomically). Raises NativeUnavailable."""
+    """Compile SOURCES into ``target`` (atomically). Raises NativeUnavailable."""
     target.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(dir=target.parent, prefix=".spmm.", suffix=".so")
     os.close(descriptor)
     try:
         output = ""
         for arch in ARCH_FLAGS:
-            result = _run([cxx, *BASE_FLAGS, *arch, str(SOURCE), "-o", temporary])
+            sources = [str(source) for source in SOURCES]
+            result = _run([cxx, *BASE_FLAGS, *arch, *sources, "-o", temporary])
             if result.returncode == 0:
                 os.replace(temporary, target)
                 return
             output = result.stderr + result.stdout
         raise NativeUnavailable(
-            f"{Path(cxx).name} could not compile {SOURCE.name}: {_first_error(output)}"
+            f"{Path(cxx).name} could not compile {' '.join(s.name for s in SOURCES)}: "
+            f"{_first_error(output)}"
         )
     except (OSError, subprocess.SubprocessError) as exc:
         raise NativeUnavailable(f"running {cxx} failed: {exc}") from exc
@@ -142,7 +148,7 @@ SIGNATURES = {
     "benchlib_conv_layout": "p iiii p iiiiiiii p n",
     "benchlib_max_pool2d": "p iii p iiiiiiiiii n",
 }
-"""Argument types of the library's functions, as in csrc/spmm.cpp: p a pointer, i an int64_t,
+"""Argument types of the library's functions, as in csrc/*.cpp: p a pointer, i an int64_t,
 n an int. All return int (0: done)."""
 
 
@@ -183,7 +189,13 @@ def build(directory: Path, cxx: str | None) -> NativeLibrary:
     except (OSError, subprocess.SubprocessError) as exc:
         raise NativeUnavailable(f"cannot run the C++ compiler {cxx!r}: {exc}") from exc
     key_text = "\n".join(
-        [SOURCE.read_text(), repr(BASE_FLAGS), repr(ARCH_FLAGS), *version, _cpu_features()]
+        [
+            *(path.read_text() for path in (*SOURCES, *HEADERS)),
+            repr(BASE_FLAGS),
+            repr(ARCH_FLAGS),
+            *version,
+            _cpu_features(),
+        ]
     )
     key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
     target = directory / f"benchlib_spmm_{key}.so"
