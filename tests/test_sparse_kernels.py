@@ -248,6 +248,20 @@ def test_the_linear_layer_equals_dense_at_every_batch(
     assert relative_error(actual, expected) <= EXACT
 
 
+def test_the_rows_kernel_sums_rows_of_every_length() -> None:
+    """Rows of 0 to 100 entries: the vector loops (8 / 16 entries by one gather, four
+    accumulators) and every tail, for one and two inputs."""
+    torch.manual_seed(3)
+    weight = torch.zeros(101, 150)
+    for length in range(101):
+        weight[length, torch.randperm(150)[:length]] = torch.randn(length)
+    matrix, bias = NativeSparseMatrix(weight), torch.randn(101)
+    for batch in (1, 2):
+        x = torch.randn(batch, 150)
+        expected = torch.relu(x @ weight.t() + bias)
+        assert relative_error(matrix.rows(x, bias, relu=True), expected) <= EXACT
+
+
 def test_other_dtypes_take_the_reference_product_and_copies_work() -> None:
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, 3, padding=1)

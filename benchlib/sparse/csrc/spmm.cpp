@@ -320,7 +320,9 @@ void run_gather(const Problem& p, int threads) {
   });
 }
 
-// Small batch, X row-major: four partial sums per (row, image) over the entries.
+// Small batch, X row-major: four partial sums per (row, image) over the entries; for R = 1
+// with AVX-512 / AVX2, 16 / 8 entries at a time by one gather of x (measured on the AVX2
+// EPYC, 2048 -> 1000 at 90% sparsity, batch 1: 223 -> 126 us, scalar -> gather).
 template <int R>
 void rows_range(const Problem& p, int64_t i0, int64_t i1) {
   const int32_t* off = p.off;
@@ -347,6 +349,27 @@ void rows_range(const Problem& p, int64_t i0, int64_t i1) {
           a[0] = _mm512_fmadd_ps(_mm512_loadu_ps(val + j), _mm512_i32gather_ps(k, x, 4), a[0]);
         }
         s[1][0] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
+      }
+#elif defined(__AVX2__) && defined(__FMA__)
+      if (R == 1) {  // 8 entries at a time: one gather of x, one FMA
+        __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                       _mm256_setzero_ps()};
+        for (; j + 32 <= end; j += 32) {
+#pragma GCC unroll 4
+          for (int u = 0; u < 4; ++u) {
+            const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(off + j + 8 * u));
+            a[u] = _mm256_fmadd_ps(_mm256_loadu_ps(val + j + 8 * u), _mm256_i32gather_ps(x, k, 4), a[u]);
+          }
+        }
+        for (; j + 8 <= end; j += 8) {
+          const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(off + j));
+          a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(val + j), _mm256_i32gather_ps(x, k, 4), a[0]);
+        }
+        const __m256 t = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_add_ss(h, _mm_movehdup_ps(h));
+        s[1][0] = _mm_cvtss_f32(h);
       }
 #endif
       for (; j + 4 <= end; j += 4) {
