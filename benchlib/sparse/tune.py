@@ -2,13 +2,13 @@
 original on the input it really gets.
 
 Why timing and not a density table: where a sparse layer breaks even depends on its shape and
-on the machine. Measured on ResNet-50's layers (``benchmarks/sparse_kernels.py``, 2 threads,
-AMD EPYC, AVX-512), the native kernels break even between density 0.35 (a 1x1 conv at 14x14)
-and 0.6 (a strided 3x3 at 14x14); a table measured here would misjudge another CPU (AVX2, more
-cores, other caches), and a per-layer timing costs well under a second for ResNet-50. The
-density threshold stays as the gate: layers above it are never timed (at density 0.5 the
-best layer was 1.3x and most lost), which keeps preparation short and the choice stable where
-it cannot pay.
+on the machine. Measured on ResNet-50's layers (``benchmarks/sparse_kernels.py``, 2 threads),
+the native kernels break even between density 0.35 (a 1x1 conv at 14x14) and 0.6 (a strided
+3x3 at 14x14) on an AMD EPYC with AVX-512, and above density 0.5 for most layers on one with
+AVX2 only (``convert``'s tables); a table measured on one would misjudge the other, and a
+per-layer timing costs about a second for ResNet-50. The density threshold stays as the gate:
+layers above it are never timed, which keeps preparation short and the choice stable where it
+cannot pay.
 
 ``keep_faster`` runs the converted model once with hooks to capture every sparse layer's input
 (so the shapes are the real ones), times each sparse layer and then its dense original (median
