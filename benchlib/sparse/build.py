@@ -1,7 +1,7 @@
 """Building benchlib's native sparse kernels (``csrc/``) just in time, once per machine.
 
 Route, and why: the kernels are plain C++ (no torch or pybind headers) compiled by the system
-C++ compiler into a shared library that ``ctypes`` loads. That builds in about 3 s on 2 cores
+C++ compiler into a shared library that ``ctypes`` loads. That builds in 3-12 s on 2 cores
 where a ``torch.utils.cpp_extension`` module (torch/extension.h, pybind11) takes about a minute
 and needs ninja; it has no ABI tie to the installed torch; and a ctypes call costs about 2 us,
 noise next to a layer. Threads come from ``#pragma omp parallel`` in the library: it links
@@ -125,8 +125,8 @@ def _compile(cxx: str, target: Path) -> None:
     os.close(descriptor)
     try:
         output = ""
+        sources = [str(source) for source in SOURCES]
         for arch in ARCH_FLAGS:
-            sources = [str(source) for source in SOURCES]
             result = _run([cxx, *BASE_FLAGS, *arch, *sources, "-o", temporary])
             if result.returncode == 0:
                 os.replace(temporary, target)
