@@ -17,16 +17,16 @@ other layers, so the end-to-end time below is the number that includes it. Every
 output is first checked against the dense layer (relative error <= 1e-4).
 
 End to end (``--e2e``): ResNet-50 from ``benchlib.load_model``, pruned ``magnitude:0.9`` (first
-conv and classifier dense, the spec's default), batch 1: ``cpu-sparse`` on the pruned model
-against ``torch-eager`` and ``onnxruntime`` on the dense model, each prepared by its target and
-checked against eager fp32. The targets run in blocks of ``--block`` calls, round-robin,
+conv and classifier dense, the spec's default; ``--e2e-spec`` prunes otherwise), batch 1:
+``cpu-sparse`` on the pruned model against ``torch-eager`` and ``onnxruntime`` on the dense
+model, each prepared by its target and checked against eager fp32. The targets run in blocks of ``--block`` calls, round-robin,
 timing all but the first third of each block: ONNX Runtime's and OpenMP's worker threads spin
 for a while after a call (measured: with blocks of 5 calls less the first, cpu-sparse's p90
 doubled), and per-call interleaving would bill that to the next target.
 
     python benchmarks/sparse_kernels.py [--threads 2] [--reps 12] [--layer-block 8]
         [--sparsities 0.5,0.7,0.8,0.9,0.95] [--layers all|NAME,...]
-        [--e2e] [--e2e-only] [--e2e-rounds 15] [--block 12]
+        [--e2e] [--e2e-only] [--e2e-rounds 15] [--block 12] [--e2e-spec magnitude:0.9]
 """
 
 from __future__ import annotations
@@ -188,7 +188,7 @@ def summarize(rows: list[dict[str, Any]]) -> None:
               f"{first:.2f}x ({first_layer}); {fast} of {len(mine)} layers >= 3x")  # fmt: skip
 
 
-def end_to_end(rounds: int, block: int) -> None:
+def end_to_end(rounds: int, block: int, spec: str = "magnitude:0.9") -> None:
     from benchlib.loading import load_model
     from benchlib.pruning import prune
     from benchlib.target import Precision
@@ -197,7 +197,7 @@ def end_to_end(rounds: int, block: int) -> None:
     from targets.torch_eager import TorchEager
 
     model = load_model("resnet50")
-    variant = prune(model, "magnitude:0.9")
+    variant = prune(model, spec)
     inputs = (model.example_input(1),)
     cpu, fp32 = torch.device("cpu"), Precision.FP32
     with torch.inference_mode():
@@ -207,7 +207,7 @@ def end_to_end(rounds: int, block: int) -> None:
     sparse = CpuSparse().prepare(variant.module, inputs, cpu, fp32)
     prepare_s = time.perf_counter() - start
     prepared = {
-        "cpu-sparse (magnitude:0.9)": (sparse, sparse_expected),
+        f"cpu-sparse ({spec})": (sparse, sparse_expected),
         "torch-eager (dense)": (
             TorchEager().prepare(model.module, inputs, cpu, fp32),
             dense_expected,
@@ -234,12 +234,12 @@ def end_to_end(rounds: int, block: int) -> None:
                 if call >= max(1, block // 3):
                     samples[name].append(time.perf_counter_ns() - begin)
     ms = {name: statistics.median(values) / 1e6 for name, values in samples.items()}
-    ours = ms["cpu-sparse (magnitude:0.9)"]
+    ours = ms[f"cpu-sparse ({spec})"]
     for name, value in ms.items():
         ordered = sorted(samples[name])
         p10, p90 = ordered[len(ordered) // 10] / 1e6, ordered[9 * len(ordered) // 10] / 1e6
         print(
-            f"{name:28} {value:8.2f} ms median (p10 {p10:.2f}, p90 {p90:.2f}; n={len(ordered)})"
+            f"{name:34} {value:8.2f} ms median (p10 {p10:.2f}, p90 {p90:.2f}; n={len(ordered)})"
             f"  {value / ours:.2f}x cpu-sparse's"
         )
     fusion = sparse.info["fusion"]
@@ -257,6 +257,7 @@ def main() -> None:
     parser.add_argument("--e2e-only", action="store_true")
     parser.add_argument("--e2e-rounds", type=int, default=15)
     parser.add_argument("--block", type=int, default=12)
+    parser.add_argument("--e2e-spec", default="magnitude:0.9", help="the pruning end to end")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     loaded = load_library()
@@ -268,7 +269,7 @@ def main() -> None:
         sparsities = [float(s) for s in args.sparsities.split(",")]
         summarize(layer_table(shapes, sparsities, args.reps, args.layer_block))
     if args.e2e or args.e2e_only:
-        end_to_end(args.e2e_rounds, args.block)
+        end_to_end(args.e2e_rounds, args.block, args.e2e_spec)
 
 
 if __name__ == "__main__":
