@@ -19,10 +19,11 @@ output is first checked against the dense layer (relative error <= 1e-4).
 End to end (``--e2e``): ResNet-50 from ``benchlib.load_model``, pruned ``magnitude:0.9`` (first
 conv and classifier dense, the spec's default; ``--e2e-spec`` prunes otherwise), batch 1:
 ``cpu-sparse`` on the pruned model against ``torch-eager`` and ``onnxruntime`` on the dense
-model, each prepared by its target and checked against eager fp32. The targets run in blocks of ``--block`` calls, round-robin,
-timing all but the first third of each block: ONNX Runtime's and OpenMP's worker threads spin
-for a while after a call (measured: with blocks of 5 calls less the first, cpu-sparse's p90
-doubled), and per-call interleaving would bill that to the next target.
+model, each prepared by its target and checked against eager fp32. The targets run in blocks of
+``--block`` calls, round-robin, timing all but the first third of each block: ONNX Runtime's
+and OpenMP's worker threads spin for a while after a call (measured: with blocks of 5 calls
+less the first, cpu-sparse's p90 doubled), and per-call interleaving would bill that to the
+next target.
 
     python benchmarks/sparse_kernels.py [--threads 2] [--reps 12] [--layer-block 8]
         [--sparsities 0.5,0.7,0.8,0.9,0.95] [--layers all|NAME,...]
