@@ -29,6 +29,7 @@ from benchlib.sparse import (
     sparsify,
 )
 from benchlib.sparse.build import build, cache_dir, compiler
+from benchlib.sparse.modules import L2_FLOATS, column_block
 from benchlib.target import Precision
 from targets.cpu_sparse import CpuSparse
 from tests.test_sparse_modules import ConvCase, conv_cases, sparsify_weight
@@ -650,3 +651,19 @@ def test_large_convs_run_in_column_blocks_and_equal_dense(
     assert sparse.ksplit(size, size) is not None
     with torch.no_grad():
         assert relative_error(sparse(x), torch.relu(conv(x))) <= EXACT
+
+
+def test_a_narrow_kxk_conv_runs_in_blocks_only_when_its_source_outgrows_l2() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(512, 32, 3, 2, 1).eval()  # ResNet-50's strided 3x3 at 14x14, fewer outputs
+    sparsify_weight(conv, 0.9, 0, "none")
+    sparse = SparseConv2d.from_dense(conv, NativeSparseMatrix)
+    layout, _ = sparse.layout(14, 14)
+    assert layout.columns < 128 and layout.floats > L2_FLOATS  # one tile; four phase images
+    assert sparse.ksplit(14, 14) is not None
+    kernel: NativeSparseMatrix = sparse.kernel  # type: ignore[assignment]
+    assert column_block(kernel, layout.columns, (3, 3), L2_FLOATS) is None  # fits: one block
+    assert column_block(kernel, layout.columns, (3, 3)) is None  # source unknown: one block
+    x = torch.randn(1, 512, 14, 14)
+    with torch.no_grad():
+        assert relative_error(sparse(x), conv(x)) <= EXACT

@@ -247,13 +247,26 @@ split measured no faster, or slower (2048 -> 512 @7x7, blocks of 512: 68 -> 71 u
 L1_FLOATS = 8192
 """The strip of the input that a column tile reads per channel block, at most: 32 KiB, in a
 48 KiB L1 with room for the partial sums."""
+L2_FLOATS = 65536
+"""A kxk conv over one narrow tile (under 128 columns) runs in one block while its whole
+source (one image) fits in this many floats, 256 KiB, half of Zen 3's L2: then the blocks'
+partial sums cost more than they save (3x3 512 -> 512 @7x7, 166 KiB, at 50%: above). Above
+it they pay: 3x3/2 512 -> 512 @14x14, whose four phase images take 512 KiB, ran 0.73-0.85x
+the time of one block with blocks of 32 channels at 70-90% sparsity (AVX2 EPYC, 2 threads)."""
 
 
-def column_block(kernel: MatrixKernel, columns: int, kernel_size: tuple[int, int]) -> int | None:
+def column_block(
+    kernel: MatrixKernel,
+    columns: int,
+    kernel_size: tuple[int, int],
+    source_floats: int | None = None,
+) -> int | None:
     """The matrix columns per block (whole input channels) for a conv's direct form over
     ``columns`` computed columns (``KSPLIT_MIN_ENTRIES``), or None where one block is best: the
-    input strip of a tile fits in L1 already, or one block would span every channel. A
-    channel's strip is ``kh`` input rows of a tile (the ``kw`` taps of a row share its lines)."""
+    input strip of a tile fits in L1 already, one block would span every channel, or a kxk
+    conv has one narrow tile and a ``source_floats`` (one image's source) that fits in L2
+    (``L2_FLOATS``; unknown counts as fitting). A channel's strip is ``kh`` input rows of a
+    tile (the ``kw`` taps of a row share its lines)."""
     rows, cols = kernel.shape
     block_rows = rows // max(1, int(getattr(kernel, "rows_per_block", 1)))
     col = getattr(kernel, "col", None)
@@ -261,7 +274,8 @@ def column_block(kernel: MatrixKernel, columns: int, kernel_size: tuple[int, int
     if col is None or not block_rows or not cols or not columns or cols % taps:
         return None
     channels = cols // taps
-    if taps > 1 and columns < 128:  # one narrow tile of a small image: measured, no gain
+    small = source_floats is None or source_floats <= L2_FLOATS
+    if taps > 1 and columns < 128 and small:  # one narrow tile, its source in L2: no gain
         return None
     strip = min(-(-columns // 16) * 16, 128) * kernel_size[0]  # floats per channel and tile
     if channels * strip <= L1_FLOATS:
@@ -396,7 +410,9 @@ class SparseConv2d(nn.Module):
             layout, _ = self.layout(height, width)
             kernel: GatherKernel = self.kernel  # type: ignore[assignment]
             block = (
-                column_block(kernel, layout.columns, self.kernel_size) if self.groups == 1 else None
+                column_block(kernel, layout.columns, self.kernel_size, layout.floats)
+                if self.groups == 1
+                else None
             )
             self._ksplits[key] = None if block is None else kernel.k_split(block)
         return self._ksplits[key]
