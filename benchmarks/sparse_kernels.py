@@ -171,18 +171,15 @@ def summarize(rows: list[dict[str, Any]]) -> None:
     """The acceptance ratios per sparsity: the worst layer's dense / ours and csr / ours
     (steady state), the worst dense / ours of first calls, and how many layers reach 3x."""
 
-    def worst(sparsity: float, over: str, ours: str = "ours") -> tuple[float, str]:
-        chosen = [r for r in rows if abs(r["sparsity"] - sparsity) < 1e-9]
-        if not chosen:
-            return float("nan"), "-"
-        row = min(chosen, key=lambda r: r[over] / r[ours])
+    def worst(mine: list[dict[str, Any]], over: str, ours: str = "ours") -> tuple[float, str]:
+        row = min(mine, key=lambda r: r[over] / r[ours])
         return row[over] / row[ours], row["layer"]
 
     for sparsity in sorted({r["sparsity"] for r in rows}):
-        ratio, layer = worst(sparsity, "dense")
-        csr_ratio, csr_layer = worst(sparsity, "csr")
-        first, first_layer = worst(sparsity, "dense_first", "ours_first")
-        mine = [r for r in rows if abs(r["sparsity"] - sparsity) < 1e-9]
+        mine = [r for r in rows if r["sparsity"] == sparsity]
+        ratio, layer = worst(mine, "dense")
+        csr_ratio, csr_layer = worst(mine, "csr")
+        first, first_layer = worst(mine, "dense_first", "ours_first")
         fast = sum(r["dense"] / r["ours"] >= 3 for r in mine)
         print(f"sparsity {sparsity:.2f}: worst dense/ours {ratio:.2f}x ({layer}), "
               f"worst csr/ours {csr_ratio:.2f}x ({csr_layer}), worst first-call dense/ours "

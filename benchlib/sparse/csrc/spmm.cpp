@@ -1,4 +1,4 @@
-// benchlib's sparse x dense kernels for the CPU (built just in time by benchlib/sparse/native.py).
+// benchlib's sparse x dense kernels for the CPU (built just in time by benchlib/sparse/build.py).
 //
 // One weight matrix W (M rows, compressed by rows in blocks of R consecutive rows sharing a
 // column: R = 1 is CSR, R = 4 / 8 the 4x1 / 8x1 block formats) multiplies a dense operand that
