@@ -5,11 +5,12 @@ from __future__ import annotations
 import copy
 import stat
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -513,6 +514,59 @@ def test_the_native_layout_copy_equals_the_torch_one(
     monkeypatch.setattr("benchlib.sparse.direct.load_library", lambda: NativeUnavailable("test"))
     assert torch.equal(native, layout.source(x))
     assert native.shape == (2, layout.floats)
+
+
+@settings(deadline=None, max_examples=80)
+@given(
+    channels=st.integers(1, 5),
+    height=st.integers(1, 40),
+    width=st.integers(1, 40),
+    kernel=st.integers(1, 5),
+    stride=st.integers(1, 3),
+    dilation=st.integers(1, 2),
+    padding=st.tuples(*[st.integers(0, 6)] * 4),
+    align=st.booleans(),
+    threads=st.sampled_from([1, 2]),
+)
+# the last plane reads no input row while its rows have left padding (1 row, top padding 1,
+# stride 2): zeroing "the rows above and the first row's left padding" would overrun it
+@example(2, 1, 5, 1, 2, 1, (1, 0, 1, 0), False, 1)
+@example(3, 2, 7, 3, 3, 1, (5, 0, 4, 2), True, 2)
+def test_the_native_layout_copy_of_any_shape_writes_exactly_its_planes(
+    channels: int,
+    height: int,
+    width: int,
+    kernel: int,
+    stride: int,
+    dilation: int,
+    padding: tuple[int, int, int, int],
+    align: bool,
+    threads: int,
+) -> None:
+    """Every phase image, including those that read no input row (a padding wider than the
+    input), equals the torch copy, and nothing past the last plane is written."""
+    try:
+        layout = ConvLayout.of(
+            channels, (height, width), (kernel, kernel), (stride, stride),
+            (dilation, dilation), padding, align=align,
+        )  # fmt: skip
+    except ValueError:
+        return  # the padded input is smaller than the kernel
+    if layout.in_place:
+        return  # no copy
+    x = torch.randn(2, channels, height, width)
+    guarded = torch.full((2 * layout.floats + 64,), float("nan"))
+    library = load_library()
+    assert not isinstance(library, NativeUnavailable)
+    library.conv_layout(
+        x.data_ptr(), 2, channels, height, width, layout._phase_table.data_ptr(),
+        len(layout.phases), stride, stride, padding[0], padding[2], layout.phase_h,
+        layout.phase_w, layout.plane, guarded.data_ptr(), threads,
+    )  # fmt: skip
+    with mock.patch("benchlib.sparse.direct.load_library", lambda: NativeUnavailable("test")):
+        expected = layout.source(x)  # by torch ops
+    assert torch.equal(guarded[: 2 * layout.floats].reshape(2, -1), expected)
+    assert guarded[2 * layout.floats :].isnan().all()
 
 
 class Bottleneck(nn.Module):

@@ -5,7 +5,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -13,49 +12,147 @@
 
 namespace {
 
+// Short runs (a row's padding, a row segment of 7-58 floats in ResNet-50) written inline:
+// full vectors, then the tail of n % W floats. AVX-512 stores its tail masked. On AVX2 a run
+// of at least 8 ends with one more full vector that overlaps the previous one, and a shorter
+// run goes by 4-, 2- and 1-float moves: AVX2's masked stores are slow on AMD's cores
+// (microcoded), and a plain tail loop is turned into a memset / memcpy call by the compiler.
+#if defined(__AVX512F__)
+inline void zero_floats(float* dst, int64_t n) {
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) _mm512_storeu_ps(dst + k, _mm512_setzero_ps());
+  if (k < n) _mm512_mask_storeu_ps(dst + k, static_cast<__mmask16>((1u << (n - k)) - 1u), _mm512_setzero_ps());
+}
+
+inline void copy_floats(float* dst, const float* src, int64_t n) {
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) _mm512_storeu_ps(dst + k, _mm512_loadu_ps(src + k));
+  if (k < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - k)) - 1u);
+    _mm512_mask_storeu_ps(dst + k, m, _mm512_maskz_loadu_ps(m, src + k));
+  }
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+inline void zero_floats(float* dst, int64_t n) {
+  const __m256 z = _mm256_setzero_ps();
+  if (n >= 8) {
+    for (int64_t k = 0; k + 8 <= n; k += 8) _mm256_storeu_ps(dst + k, z);
+    if (n % 8) _mm256_storeu_ps(dst + n - 8, z);
+    return;
+  }
+  if (n & 4) _mm_storeu_ps(dst, _mm_setzero_ps());
+  if (n & 2) _mm_storel_pi(reinterpret_cast<__m64*>(dst + (n & 4)), _mm_setzero_ps());
+  if (n & 1) dst[n - 1] = 0.0f;
+}
+
+inline void copy_floats(float* dst, const float* src, int64_t n) {
+  if (n >= 8) {
+    for (int64_t k = 0; k + 8 <= n; k += 8) _mm256_storeu_ps(dst + k, _mm256_loadu_ps(src + k));
+    if (n % 8) _mm256_storeu_ps(dst + n - 8, _mm256_loadu_ps(src + n - 8));
+    return;
+  }
+  if (n & 4) _mm_storeu_ps(dst, _mm_loadu_ps(src));
+  if (n & 2) {
+    const int64_t k = n & 4;
+    _mm_storel_pi(reinterpret_cast<__m64*>(dst + k),
+                  _mm_loadl_pi(_mm_setzero_ps(), reinterpret_cast<const __m64*>(src + k)));
+  }
+  if (n & 1) dst[n - 1] = src[n - 1];
+}
+#else
+inline void zero_floats(float* dst, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) dst[k] = 0.0f;
+}
+
+inline void copy_floats(float* dst, const float* src, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) dst[k] = src[k];
+}
+#endif
+
+// dst[j] = src[2 * j] for j in [0, n): two vector loads and one shuffle per vector of output.
+// Reads stay inside [src, src + 2n - 1), so a row's end is never overrun.
+inline void copy_even(float* __restrict dst, const float* __restrict src, int64_t n) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  for (; j + 16 < n; j += 16)  // reads src[2j .. 2j + 31]
+    _mm512_storeu_ps(dst + j, _mm512_permutex2var_ps(_mm512_loadu_ps(src + 2 * j), even,
+                                                     _mm512_loadu_ps(src + 2 * j + 16)));
+#elif defined(__AVX2__) && defined(__FMA__)
+  for (; j + 8 < n; j += 8) {  // reads src[2j .. 2j + 15]
+    const __m256 pairs = _mm256_shuffle_ps(_mm256_loadu_ps(src + 2 * j),
+                                           _mm256_loadu_ps(src + 2 * j + 8), 0x88);
+    _mm256_storeu_ps(dst + j, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(pairs), 0xD8)));
+  }
+#endif
+  for (; j < n; ++j) dst[j] = src[2 * j];
+}
+
+// What one phase image reads: its origin (a, c0) and the rows [i0, i1) and columns [j0, j1)
+// that lie inside the input (the rest is padding); the same for every channel.
+struct PhaseSpan {
+  int64_t a, c0, i0, i1, j0, j1;
+};
+
+PhaseSpan phase_span(int64_t a, int64_t c0, int64_t height, int64_t width, int64_t sh,
+                     int64_t sw, int64_t top, int64_t left, int64_t phase_h, int64_t phase_w) {
+  PhaseSpan s{a, c0, 0, 0, 0, 0};
+  // columns j with 0 <= c0 + sw*j - left < width
+  s.j0 = std::min<int64_t>(phase_w, std::max<int64_t>(0, (left - c0 + sw - 1) / sw));
+  s.j1 = s.j0;
+  if (c0 + sw * s.j0 - left < width)
+    s.j1 = std::min<int64_t>(phase_w, (width - 1 + left - c0) / sw + 1);
+  // rows i with 0 <= a + sh*i - top < height (none when no column is inside)
+  s.i0 = std::min<int64_t>(phase_h, std::max<int64_t>(0, (top - a + sh - 1) / sh));
+  s.i1 = s.i0;
+  if (a + sh * s.i0 - top < height && s.j1 > s.j0)
+    s.i1 = std::min<int64_t>(phase_h, (height - 1 + top - a) / sh + 1);
+  return s;
+}
+
 // The zero-padded phase images of a conv input (see benchlib/sparse/direct.py): for image b,
 // phase p = (a, c0) and channel c, out[b][p][c][i][j] = x[b][c][a + sh*i - top][c0 + sw*j - left]
-// where that lies inside the input, else 0. x is contiguous NCHW.
+// where that lies inside the input, else 0. x is contiguous NCHW. One task = (image, channel,
+// phase), flattened in that order, so one channel's phases follow each other and read its input
+// plane while it is in L1 (that plane comes from L3 or memory once, not once per phase: the
+// strided 3x3 convs' copies took 0.6-0.8x the time); planes `plane` floats apart (>= phase_h *
+// phase_w: the rest of a plane is zeroed). A plane is written front to back in runs: the zeros
+// before the first input row, then per input row its segment and the zeros up to the next one.
 void layout_range(const float* x, int64_t channels, int64_t height, int64_t width,
-                  const int32_t* phases, int64_t phase_count, int64_t sh, int64_t sw, int64_t top,
-                  int64_t left, int64_t phase_h, int64_t phase_w, int64_t plane, float* out,
+                  const PhaseSpan* spans, int64_t phase_count, int64_t sh, int64_t sw,
+                  int64_t top, int64_t left, int64_t phase_w, int64_t plane, float* out,
                   int64_t begin, int64_t end) {
-  // one task = (image, phase, channel), flattened in that order; planes `plane` floats apart
-  // (>= phase_h * phase_w: the rest of a plane is zeroed)
-  const int64_t used = phase_h * phase_w;
+  int64_t p = begin % phase_count, c = (begin / phase_count) % channels;
+  int64_t b = begin / (channels * phase_count);
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t c = task % channels;
-    const int64_t p = (task / channels) % phase_count;
-    const int64_t b = task / (channels * phase_count);
+    const PhaseSpan& s = spans[p];
     const float* src = x + (b * channels + c) * height * width;
-    float* dst = out + task * plane;
-    if (plane > used) std::memset(dst + used, 0, (plane - used) * sizeof(float));
-    const int64_t a = phases[2 * p], c0 = phases[2 * p + 1];
-    // columns j with 0 <= c0 + sw*j - left < width
-    const int64_t j0 = std::min<int64_t>(phase_w, std::max<int64_t>(0, (left - c0 + sw - 1) / sw));
-    int64_t j1 = j0;  // one past the last such j
-    if (c0 + sw * j0 - left < width)
-      j1 = std::min<int64_t>(phase_w, (width - 1 + left - c0) / sw + 1);
-    for (int64_t i = 0; i < phase_h; ++i) {
-      float* row = dst + i * phase_w;
-      const int64_t r = a + sh * i - top;
-      if (r < 0 || r >= height || j1 <= j0) {
-        std::memset(row, 0, phase_w * sizeof(float));
-        continue;
+    float* dst = out + ((b * phase_count + p) * channels + c) * plane;
+    const int64_t n = s.j1 - s.j0;
+    if (s.i1 == s.i0) {  // the phase reads no input (a tiny input, or a wide padding)
+      zero_floats(dst, plane);
+    } else {
+      zero_floats(dst, s.i0 * phase_w + s.j0);  // the rows above, the first row's left padding
+      for (int64_t i = s.i0; i < s.i1; ++i) {
+        float* row = dst + i * phase_w + s.j0;
+        const float* in = src + (s.a + sh * i - top) * width + (s.c0 + sw * s.j0 - left);
+        if (sw == 1)
+          copy_floats(row, in, n);
+        else if (sw == 2)
+          copy_even(row, in, n);
+        else
+          for (int64_t j = 0; j < n; ++j) row[j] = in[j * sw];
+        // this row's right padding and, but after the last row, the next row's left padding
+        zero_floats(row + n, phase_w - n - (i + 1 < s.i1 ? 0 : s.j0));
       }
-      if (j0 > 0) std::memset(row, 0, j0 * sizeof(float));
-      const float* in = src + r * width + (c0 + sw * j0 - left);
-      if (sw == 1) {
-        std::memcpy(row + j0, in, (j1 - j0) * sizeof(float));
-      } else if (sw == 2) {  // a constant stride the compiler vectorizes
-        float* __restrict out_row = row + j0;
-        const float* __restrict in_row = in;
-        const int count = static_cast<int>(j1 - j0);
-        for (int j = 0; j < count; ++j) out_row[j] = in_row[2 * j];
-      } else {
-        for (int64_t j = j0; j < j1; ++j) row[j] = in[(j - j0) * sw];
+      zero_floats(dst + s.i1 * phase_w, plane - s.i1 * phase_w);  // the rows below, the rest
+    }
+    if (++p == phase_count) {
+      p = 0;
+      if (++c == channels) {
+        c = 0;
+        ++b;
       }
-      if (j1 < phase_w) std::memset(row + j1, 0, (phase_w - j1) * sizeof(float));
     }
   }
 }
@@ -127,10 +224,13 @@ int benchlib_conv_layout(const float* x, int64_t images, int64_t channels, int64
                          int64_t plane, float* out, int threads) {
   const int64_t tasks = images * phase_count * channels;
   const int64_t work = tasks * plane;
+  std::vector<PhaseSpan> spans;
+  for (int64_t p = 0; p < phase_count; ++p)
+    spans.push_back(phase_span(phases[2 * p], phases[2 * p + 1], height, width, sh, sw, top,
+                               left, phase_h, phase_w));
   parallel_rows(tasks, work < 32768 ? 1 : threads, [&](int64_t t, int64_t parts) {
-    const int64_t begin = tasks * t / parts, end = tasks * (t + 1) / parts;
-    layout_range(x, channels, height, width, phases, phase_count, sh, sw, top, left, phase_h,
-                 phase_w, plane, out, begin, end);
+    layout_range(x, channels, height, width, spans.data(), phase_count, sh, sw, top, left,
+                 phase_w, plane, out, tasks * t / parts, tasks * (t + 1) / parts);
   });
   return 0;
 }
