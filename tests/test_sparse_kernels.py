@@ -440,14 +440,14 @@ def test_keep_faster_swaps_back_what_is_not_faster() -> None:
     sparse_is_faster = {"0": True, "2": False, "4": True}
     shapes: dict[str, tuple[int, ...]] = {}
 
-    def timer(layer: nn.Module, x: torch.Tensor) -> float:  # a fake clock: no timing here
-        pairs = [*converted.named_children(), *dense.items()]
-        name = next(n for n, m in pairs if m is layer)
+    def compare(sparse: nn.Module, dense_layer: nn.Module, x: torch.Tensor) -> tuple[float, float]:
+        # a fake clock: no timing here
+        name = next(n for n, m in converted.named_children() if m is sparse)
+        assert isinstance(sparse, (SparseConv2d, SparseLinear)) and dense_layer is dense[name]
         shapes[name] = tuple(x.shape)
-        is_sparse = isinstance(layer, (SparseConv2d, SparseLinear))
-        return 1.0 if is_sparse != sparse_is_faster[name] else 0.5
+        return (0.5, 1.0) if sparse_is_faster[name] else (1.0, 0.5)
 
-    updated = keep_faster(converted, reports, dense, (x,), timer)
+    updated = keep_faster(converted, reports, dense, (x,), compare)
     assert [r.sparse for r in updated] == [True, False, True]
     assert (
         updated[1].reason
@@ -463,6 +463,25 @@ def test_keep_faster_swaps_back_what_is_not_faster() -> None:
     assert shapes == {"0": (1, 4, 8, 8), "2": (1, 8, 6, 6), "4": (1, 288)}
     with torch.no_grad():
         assert relative_error(converted(x), expected) <= EXACT
+
+
+def test_the_layers_are_timed_in_alternating_blocks() -> None:
+    from benchlib.sparse.tune import interleaved_seconds
+
+    calls: list[str] = []
+
+    class Recorder(nn.Module):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            calls.append(self.name)
+            return x
+
+    first, second = interleaved_seconds(Recorder("a"), Recorder("b"), torch.ones(1), 2, 3)
+    assert calls == (["a"] * 4 + ["b"] * 4) * 2  # each block: one untimed call, three timed
+    assert first > 0 and second > 0
 
 
 def test_a_much_reused_pointwise_input_is_copied_into_aligned_planes() -> None:

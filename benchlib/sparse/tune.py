@@ -11,9 +11,10 @@ layers above it are never timed, which keeps preparation short and the choice st
 cannot pay.
 
 ``keep_faster`` runs the converted model once with hooks to capture every sparse layer's input
-(so the shapes are the real ones), times each sparse layer and then its dense original (median
-of ``REPS`` calls after two warm-up calls), and swaps the dense one back where it is not
-faster. The timer is a parameter, so tests decide without a clock.
+(so the shapes are the real ones), times each sparse layer against its dense original
+(``interleaved_seconds``: alternating blocks of calls, so that a slow minute of a shared machine
+weighs on both sides alike rather than on whichever ran then) and swaps the dense one back
+where it is not faster. The comparison is a parameter, so tests decide without a clock.
 """
 
 from __future__ import annotations
@@ -29,22 +30,28 @@ from torch import nn
 
 from benchlib.sparse.convert import LayerReport
 
-Timer = Callable[[nn.Module, torch.Tensor], float]
-"""Seconds one call of a layer on an input takes (``median_seconds``)."""
-REPS = 7
+Compare = Callable[[nn.Module, nn.Module, torch.Tensor], tuple[float, float]]
+"""Seconds per call of two layers on one input, (first, second): ``interleaved_seconds``."""
+ROUNDS = 3
+BLOCK = 3
 
 
-def median_seconds(layer: nn.Module, x: torch.Tensor, reps: int = REPS) -> float:
-    """Median seconds of ``layer(x)`` over ``reps`` calls after two warm-up calls."""
-    samples = []
+def interleaved_seconds(
+    first: nn.Module, second: nn.Module, x: torch.Tensor, rounds: int = ROUNDS, block: int = BLOCK
+) -> tuple[float, float]:
+    """Median seconds per call of ``first(x)`` and of ``second(x)``: ``rounds`` rounds of a
+    block for each in turn, every block one untimed call (the first call after another layer
+    ran is the slow one) and ``block`` timed calls."""
+    samples: tuple[list[int], list[int]] = ([], [])
     with torch.inference_mode():
-        layer(x)
-        layer(x)
-        for _ in range(reps):
-            start = time.perf_counter_ns()
-            layer(x)
-            samples.append(time.perf_counter_ns() - start)
-    return statistics.median(samples) / 1e9
+        for _ in range(rounds):
+            for layer, times in zip((first, second), samples, strict=True):
+                layer(x)
+                for _ in range(block):
+                    start = time.perf_counter_ns()
+                    layer(x)
+                    times.append(time.perf_counter_ns() - start)
+    return statistics.median(samples[0]) / 1e9, statistics.median(samples[1]) / 1e9
 
 
 def _inputs(model: nn.Module, names: set[str], args: tuple[Any, ...]) -> dict[str, torch.Tensor]:
@@ -73,7 +80,7 @@ def keep_faster(
     reports: list[LayerReport],
     dense: Mapping[str, nn.Module],
     inputs: tuple[Any, ...],
-    timer: Timer = median_seconds,
+    compare: Compare = interleaved_seconds,
 ) -> list[LayerReport]:
     """Swap back into ``model`` (in place) the dense layer of every sparse one that is not
     faster on its real input; returns the reports, updated for the layers swapped back (and
@@ -91,7 +98,7 @@ def keep_faster(
             updated.append(report)
             continue
         layer = model.get_submodule(report.name)
-        sparse_s, dense_s = timer(layer, x), timer(dense[report.name], x)
+        sparse_s, dense_s = compare(layer, dense[report.name], x)
         timing = f"{report.kernel} {sparse_s * 1e3:.3g} ms vs dense {dense_s * 1e3:.3g} ms"
         where = f"on {tuple(x.shape)}"
         if sparse_s < dense_s:
