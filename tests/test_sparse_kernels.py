@@ -95,6 +95,39 @@ def test_the_matrix_product_equals_dense(
     assert relative_error(kernel(rows_major.t()), matrix @ rows_major.t()) <= EXACT
 
 
+@pytest.mark.parametrize("rows_per_block", [1, 4])
+def test_every_tail_of_a_column_tile_is_exact(rows_per_block: int) -> None:
+    """Every column count up to two of the widest tiles (128 columns with AVX-512) and some:
+    a tile's tail vector overlaps the full one before it, and a last tile narrower than a
+    vector takes one from the tile before. Each equals the dense product, in one column block
+    and in several with a residual and ReLU, and in the scatter form (pitch > row length)."""
+    generator = torch.Generator().manual_seed(0)
+    matrix = random_matrix(8, 40, 0.6, 3, "none")
+    if rows_per_block > 1:
+        matrix = matrix * (torch.rand(2, 1, 40, generator=generator) < 0.5).repeat_interleave(
+            4, 0
+        ).reshape(8, 40)
+    kernel = NativeSparseMatrix(matrix, rows_per_block)
+    ksplit = kernel.k_split(8)
+    for columns in range(1, 2 * 128 + 12):
+        x = torch.randn(40, columns, generator=generator)
+        source, offsets = x.reshape(1, -1), (kernel.col * columns).contiguous()
+        out = torch.empty(1, 8, columns)
+        kernel.gather(source, offsets, columns, columns, columns, out, None)
+        assert relative_error(out[0], matrix @ x) <= EXACT, columns
+        residual = torch.randn(1, 8, columns, generator=generator)
+        kernel.gather(source, offsets, columns, columns, columns, out, None, True,
+                      residual=residual, ksplit=ksplit)  # fmt: skip
+        assert relative_error(out[0], (matrix @ x + residual[0]).clamp(min=0)) <= EXACT, columns
+        pitch = 5  # rows of 3 kept columns, computed 5 apart
+        rows_out = -(-columns // pitch)
+        scattered = torch.empty(1, 8, rows_out * 3)
+        kernel.gather(source, offsets, columns, pitch, 3, scattered, None, ksplit=ksplit)
+        keep = (torch.arange(columns) % pitch < 3).nonzero().squeeze(1)
+        kept = scattered[0, :, : keep.numel()]
+        assert relative_error(kept, (matrix @ x)[:, keep]) <= EXACT, columns
+
+
 def test_the_kernel_stores_what_it_claims() -> None:
     matrix = torch.zeros(8, 6)
     matrix[0:4, 1] = torch.tensor([1.0, 0.0, 3.0, 4.0])  # a block with a zero inside is kept

@@ -1,6 +1,6 @@
 // Shared by benchlib's native kernels (spmm.cpp, layout.cpp): the vector type of the
-// instruction set they are compiled for (AVX-512, AVX2 + FMA, or portable C++) and the
-// OpenMP loop that runs a body on torch's threads.
+// instruction set they are compiled for (AVX-512, AVX2 + FMA, or portable C++), the inline
+// moves of short runs of floats, and the OpenMP loop that runs a body on torch's threads.
 
 #pragma once
 
@@ -75,12 +75,12 @@ struct V {  // portable C++: the compiler vectorizes what it can
   }
   static T loadm(const float* p, M m) {
     T t = zero();
-    for (int i = 0; i < m; ++i) t.v[i] = p[i];
+    for (int i = 0; i < m && i < W; ++i) t.v[i] = p[i];
     return t;
   }
   static void store(float* p, T v) { std::memcpy(p, v.v, sizeof v.v); }
   static void storem(float* p, T v, M m) {
-    for (int i = 0; i < m; ++i) p[i] = v.v[i];
+    for (int i = 0; i < m && i < W; ++i) p[i] = v.v[i];
   }
   static T fma(T a, T b, T c) {
     for (int i = 0; i < W; ++i) c.v[i] += a.v[i] * b.v[i];
@@ -100,6 +100,63 @@ struct V {  // portable C++: the compiler vectorizes what it can
 #endif
 
 namespace {
+
+// Short runs of floats (a row's padding or segment: 7-58 floats in ResNet-50) written inline:
+// full vectors, then the tail of n % W floats. AVX-512 stores its tail masked. On AVX2 a run
+// of at least 8 ends with one more full vector that overlaps the previous one, and a shorter
+// run goes by 4-, 2- and 1-float moves: AVX2's masked stores are slow on AMD's cores
+// (microcoded), and a plain tail loop is turned into a memset / memcpy call by the compiler.
+#if defined(__AVX512F__)
+inline void zero_floats(float* dst, int64_t n) {
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) _mm512_storeu_ps(dst + k, _mm512_setzero_ps());
+  if (k < n) _mm512_mask_storeu_ps(dst + k, static_cast<__mmask16>((1u << (n - k)) - 1u), _mm512_setzero_ps());
+}
+
+inline void copy_floats(float* dst, const float* src, int64_t n) {
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) _mm512_storeu_ps(dst + k, _mm512_loadu_ps(src + k));
+  if (k < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - k)) - 1u);
+    _mm512_mask_storeu_ps(dst + k, m, _mm512_maskz_loadu_ps(m, src + k));
+  }
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+inline void zero_floats(float* dst, int64_t n) {
+  const __m256 z = _mm256_setzero_ps();
+  if (n >= 8) {
+    for (int64_t k = 0; k + 8 <= n; k += 8) _mm256_storeu_ps(dst + k, z);
+    if (n % 8) _mm256_storeu_ps(dst + n - 8, z);
+    return;
+  }
+  if (n & 4) _mm_storeu_ps(dst, _mm_setzero_ps());
+  if (n & 2) _mm_storel_pi(reinterpret_cast<__m64*>(dst + (n & 4)), _mm_setzero_ps());
+  if (n & 1) dst[n - 1] = 0.0f;
+}
+
+inline void copy_floats(float* dst, const float* src, int64_t n) {
+  if (n >= 8) {
+    for (int64_t k = 0; k + 8 <= n; k += 8) _mm256_storeu_ps(dst + k, _mm256_loadu_ps(src + k));
+    if (n % 8) _mm256_storeu_ps(dst + n - 8, _mm256_loadu_ps(src + n - 8));
+    return;
+  }
+  if (n & 4) _mm_storeu_ps(dst, _mm_loadu_ps(src));
+  if (n & 2) {
+    const int64_t k = n & 4;
+    _mm_storel_pi(reinterpret_cast<__m64*>(dst + k),
+                  _mm_loadl_pi(_mm_setzero_ps(), reinterpret_cast<const __m64*>(src + k)));
+  }
+  if (n & 1) dst[n - 1] = src[n - 1];
+}
+#else
+inline void zero_floats(float* dst, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) dst[k] = 0.0f;
+}
+
+inline void copy_floats(float* dst, const float* src, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) dst[k] = src[k];
+}
+#endif
 
 // Runs body(t, parts) on each of `threads` OpenMP threads (t in [0, parts)), or body(0, 1)
 // on this one when there is one thread or one row of work.
