@@ -29,6 +29,7 @@
 // return 0, or 1 for an unsupported block height.
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -319,8 +320,31 @@ int64_t split(const int32_t* rowptr, int64_t rows, int64_t t, int64_t parts) {
   return lo;
 }
 
-// Threads split the column tiles when there are many (each thread then reads only its part of
-// X), else the block rows by equal work (each reads all of X). Tiny products run on one thread.
+// Runs body(begin, end) over pieces [0, pieces) on `threads` threads that claim them in a
+// guided schedule: each claim takes the remaining pieces over twice the threads (at least
+// one), so the first claims are large and the last ones small, and a thread that runs faster
+// (its vCPU not descheduled, on a shared VM) takes over the rest instead of waiting.
+template <typename Body>
+void guided(int64_t pieces, int threads, const Body& body) {
+  std::atomic<int64_t> next{0};
+  parallel_rows(pieces, threads, [&](int64_t, int64_t parts) {
+    for (;;) {
+      int64_t begin = next.load(std::memory_order_relaxed), end = 0;
+      do {
+        const int64_t left = pieces - begin;
+        if (left <= 0) return;
+        end = begin + std::max<int64_t>(1, left / (2 * parts));
+      } while (!next.compare_exchange_weak(begin, end, std::memory_order_relaxed));
+      body(begin, end);
+    }
+  });
+}
+
+// Threads claim the column tiles when there are many (each thread then reads only its part of
+// X; guided: 1.0-1.17x the speed of equal static shares on the 56x56 and 28x28 layers), else
+// split the block rows by equal work, statically (each reads all of X, so every extra claim
+// reads it again: row chunks claimed guided measured 0.98x end to end). Tiny products run on
+// one thread.
 template <int R>
 void run_gather(const Problem& p, int threads) {
   constexpr int64_t TW = max_nv<R>() * V::W;
@@ -328,9 +352,8 @@ void run_gather(const Problem& p, int threads) {
   const int64_t work = (p.rowptr[p.block_rows] * R + p.block_rows) * p.n * p.images;
   if (work < kMinParallelWork) threads = 1;
   if (units >= kMinTilesPerThread * threads) {
-    parallel_rows(units, threads, [&](int64_t t, int64_t parts) {
-      block_rows<R>(p, 0, p.block_rows, units * t / parts, units * (t + 1) / parts);
-    });
+    guided(units, threads,
+           [&](int64_t u0, int64_t u1) { block_rows<R>(p, 0, p.block_rows, u0, u1); });
     return;
   }
   parallel_rows(p.block_rows, threads, [&](int64_t t, int64_t parts) {
