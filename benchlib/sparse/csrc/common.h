@@ -110,7 +110,9 @@ namespace {
 inline void zero_floats(float* dst, int64_t n) {
   int64_t k = 0;
   for (; k + 16 <= n; k += 16) _mm512_storeu_ps(dst + k, _mm512_setzero_ps());
-  if (k < n) _mm512_mask_storeu_ps(dst + k, static_cast<__mmask16>((1u << (n - k)) - 1u), _mm512_setzero_ps());
+  if (k < n)
+    _mm512_mask_storeu_ps(dst + k, static_cast<__mmask16>((1u << (n - k)) - 1u),
+                          _mm512_setzero_ps());
 }
 
 inline void copy_floats(float* dst, const float* src, int64_t n) {

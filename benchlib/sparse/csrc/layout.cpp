@@ -25,7 +25,8 @@ inline void copy_even(float* __restrict dst, const float* __restrict src, int64_
   for (; j + 8 < n; j += 8) {  // reads src[2j .. 2j + 15]
     const __m256 pairs = _mm256_shuffle_ps(_mm256_loadu_ps(src + 2 * j),
                                            _mm256_loadu_ps(src + 2 * j + 8), 0x88);
-    _mm256_storeu_ps(dst + j, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(pairs), 0xD8)));
+    const __m256d ordered = _mm256_permute4x64_pd(_mm256_castps_pd(pairs), 0xD8);
+    _mm256_storeu_ps(dst + j, _mm256_castpd_ps(ordered));
   }
 #endif
   for (; j < n; ++j) dst[j] = src[2 * j];
