@@ -58,8 +58,8 @@ PhaseSpan phase_span(int64_t a, int64_t c0, int64_t height, int64_t width, int64
 // phase p = (a, c0) and channel c, out[b][p][c][i][j] = x[b][c][a + sh*i - top][c0 + sw*j - left]
 // where that lies inside the input, else 0. x is contiguous NCHW. One task = (image, channel,
 // phase), flattened in that order, so one channel's phases follow each other and read its input
-// plane while it is in L1 (that plane comes from L3 or memory once, not once per phase: the
-// strided 3x3 convs' copies took 0.6-0.8x the time); planes `plane` floats apart (>= phase_h *
+// plane while it is in L1 (from L3 or memory once, not once per phase: with the inline moves,
+// the strided 3x3 convs' copies took 0.7-0.8x the time); planes `plane` floats apart (>= phase_h *
 // phase_w: the rest of a plane is zeroed). A plane is written front to back in runs: the zeros
 // before the first input row, then per input row its segment and the zeros up to the next one.
 void layout_range(const float* x, int64_t channels, int64_t height, int64_t width,
