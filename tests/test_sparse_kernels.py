@@ -100,7 +100,8 @@ def test_every_tail_of_a_column_tile_is_exact(rows_per_block: int) -> None:
     """Every column count up to two of the widest tiles (128 columns with AVX-512) and some:
     a tile's tail vector overlaps the full one before it, and a last tile narrower than a
     vector takes one from the tile before. Each equals the dense product, in one column block
-    and in several with a residual and ReLU, and in the scatter form (pitch > row length)."""
+    and in several with a residual and ReLU, and in the scatter form (pitch > row length).
+    The widest counts have tiles enough for threads to claim them (at 2 threads or more)."""
     generator = torch.Generator().manual_seed(0)
     matrix = random_matrix(8, 40, 0.6, 3, "none")
     if rows_per_block > 1:
@@ -109,7 +110,7 @@ def test_every_tail_of_a_column_tile_is_exact(rows_per_block: int) -> None:
         ).reshape(8, 40)
     kernel = NativeSparseMatrix(matrix, rows_per_block)
     ksplit = kernel.k_split(8)
-    for columns in range(1, 2 * 128 + 12):
+    for columns in [*range(1, 2 * 128 + 12), 1500, 1537, 1601]:
         x = torch.randn(40, columns, generator=generator)
         source, offsets = x.reshape(1, -1), (kernel.col * columns).contiguous()
         out = torch.empty(1, 8, columns)

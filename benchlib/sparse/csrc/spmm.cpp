@@ -272,15 +272,21 @@ struct Table<R, 0> {
 
 // Block rows [i0, i1) over the column tiles [u0, u1) of all images (unit u: image u / tiles,
 // tile u % tiles): tiles outer, rows inner, so a tile's strip of X serves every row.
+// rows_tmp: the calling thread's buffer for the partial sums of every row (column blocks in
+// the scatter form), grown as needed and kept across its claims.
 template <int R>
-void block_rows(const Problem& p, int64_t i0, int64_t i1, int64_t u0, int64_t u1) {
+void block_rows(const Problem& p, int64_t i0, int64_t i1, int64_t u0, int64_t u1,
+                std::vector<float>& rows_tmp) {
   constexpr int NVMAX = max_nv<R>();
   constexpr int64_t TW = NVMAX * V::W;
   const int64_t tiles = (p.n + TW - 1) / TW;
   alignas(64) float small[R * kMaxTile];
-  std::vector<float> rows_tmp;  // the partial sums of every row: column blocks, scatter form
-  if (p.ksplit && p.pitch != p.row_len) rows_tmp.resize(static_cast<size_t>((i1 - i0) * R * TW));
-  float* tmp = rows_tmp.empty() ? small : rows_tmp.data();
+  float* tmp = small;
+  if (p.ksplit && p.pitch != p.row_len) {
+    const size_t need = static_cast<size_t>((i1 - i0) * R * TW);
+    if (rows_tmp.size() < need) rows_tmp.resize(need);
+    tmp = rows_tmp.data();
+  }
   // A last tile narrower than one vector takes the last vector of the tile before it, so that
   // its tail vector has a full one to overlap (see Tail); with one-vector tiles it stays masked.
   const int64_t last_cols = p.n - (tiles - 1) * TW;
@@ -320,14 +326,15 @@ int64_t split(const int32_t* rowptr, int64_t rows, int64_t t, int64_t parts) {
   return lo;
 }
 
-// Runs body(begin, end) over pieces [0, pieces) on `threads` threads that claim them in a
-// guided schedule: each claim takes the remaining pieces over twice the threads (at least
-// one), so the first claims are large and the last ones small, and a thread that runs faster
-// (its vCPU not descheduled, on a shared VM) takes over the rest instead of waiting.
+// Runs body(t, begin, end) over pieces [0, pieces) on `threads` threads (t in [0, threads):
+// the thread) that claim them in a guided schedule: each claim takes the remaining pieces over
+// twice the threads (at least one), so the first claims are large and the last ones small, and
+// a thread that runs faster (its vCPU not descheduled, on a shared VM) takes over the rest
+// instead of waiting.
 template <typename Body>
 void guided(int64_t pieces, int threads, const Body& body) {
   std::atomic<int64_t> next{0};
-  parallel_rows(pieces, threads, [&](int64_t, int64_t parts) {
+  parallel_rows(pieces, threads, [&](int64_t t, int64_t parts) {
     for (;;) {
       int64_t begin = next.load(std::memory_order_relaxed), end = 0;
       do {
@@ -335,7 +342,7 @@ void guided(int64_t pieces, int threads, const Body& body) {
         if (left <= 0) return;
         end = begin + std::max<int64_t>(1, left / (2 * parts));
       } while (!next.compare_exchange_weak(begin, end, std::memory_order_relaxed));
-      body(begin, end);
+      body(t, begin, end);
     }
   });
 }
@@ -352,14 +359,17 @@ void run_gather(const Problem& p, int threads) {
   const int64_t work = (p.rowptr[p.block_rows] * R + p.block_rows) * p.n * p.images;
   if (work < kMinParallelWork) threads = 1;
   if (units >= kMinTilesPerThread * threads) {
-    guided(units, threads,
-           [&](int64_t u0, int64_t u1) { block_rows<R>(p, 0, p.block_rows, u0, u1); });
+    std::vector<std::vector<float>> buffers(static_cast<size_t>(threads));
+    guided(units, threads, [&](int64_t t, int64_t u0, int64_t u1) {
+      block_rows<R>(p, 0, p.block_rows, u0, u1, buffers[static_cast<size_t>(t)]);
+    });
     return;
   }
   parallel_rows(p.block_rows, threads, [&](int64_t t, int64_t parts) {
     const int64_t i0 = split(p.rowptr, p.block_rows, t, parts);
     const int64_t i1 = split(p.rowptr, p.block_rows, t + 1, parts);
-    if (i0 < i1) block_rows<R>(p, i0, i1, 0, units);
+    std::vector<float> buffer;
+    if (i0 < i1) block_rows<R>(p, i0, i1, 0, units, buffer);
   });
 }
 
@@ -384,14 +394,16 @@ void rows_range(const Problem& p, int64_t i0, int64_t i1) {
 #pragma GCC unroll 4
           for (int u = 0; u < 4; ++u) {
             const __m512i k = _mm512_loadu_si512(off + j + 16 * u);
-            a[u] = _mm512_fmadd_ps(_mm512_loadu_ps(val + j + 16 * u), _mm512_i32gather_ps(k, x, 4), a[u]);
+            const __m512 xs = _mm512_i32gather_ps(k, x, 4);
+            a[u] = _mm512_fmadd_ps(_mm512_loadu_ps(val + j + 16 * u), xs, a[u]);
           }
         }
         for (; j + 16 <= end; j += 16) {
           const __m512i k = _mm512_loadu_si512(off + j);
           a[0] = _mm512_fmadd_ps(_mm512_loadu_ps(val + j), _mm512_i32gather_ps(k, x, 4), a[0]);
         }
-        s[1][0] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
+        const __m512 sum = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+        s[1][0] = _mm512_reduce_add_ps(sum);
       }
 #elif defined(__AVX2__) && defined(__FMA__)
       if (R == 1) {  // 8 entries at a time: one gather of x, one FMA
@@ -400,8 +412,10 @@ void rows_range(const Problem& p, int64_t i0, int64_t i1) {
         for (; j + 32 <= end; j += 32) {
 #pragma GCC unroll 4
           for (int u = 0; u < 4; ++u) {
-            const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(off + j + 8 * u));
-            a[u] = _mm256_fmadd_ps(_mm256_loadu_ps(val + j + 8 * u), _mm256_i32gather_ps(x, k, 4), a[u]);
+            const __m256i k =
+                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(off + j + 8 * u));
+            const __m256 xs = _mm256_i32gather_ps(x, k, 4);
+            a[u] = _mm256_fmadd_ps(_mm256_loadu_ps(val + j + 8 * u), xs, a[u]);
           }
         }
         for (; j + 8 <= end; j += 8) {
@@ -426,7 +440,8 @@ void rows_range(const Problem& p, int64_t i0, int64_t i1) {
         for (int r = 0; r < R; ++r) s[0][r] += val[j * R + r] * xv;
       }
       for (int r = 0; r < R; ++r) {
-        float out = (p.bias ? p.bias[i * R + r] : 0.0f) + ((s[0][r] + s[1][r]) + (s[2][r] + s[3][r]));
+        const float sum = (s[0][r] + s[1][r]) + (s[2][r] + s[3][r]);
+        float out = (p.bias ? p.bias[i * R + r] : 0.0f) + sum;
         if (p.relu && out < 0.0f) out = 0.0f;
         p.y[b * p.y_image + i * R + r] = out;
       }
@@ -441,7 +456,7 @@ void run_rows(const Problem& p, int threads) {
   // which is small (measured 2048 -> 1000, batch 1: 1.13x / 1.07x the speed of equal static
   // shares at 50% / 70% sparsity, the same at 90%)
   const int64_t pieces = 8 * static_cast<int64_t>(threads);
-  guided(pieces, threads, [&](int64_t c0, int64_t c1) {
+  guided(pieces, threads, [&](int64_t, int64_t c0, int64_t c1) {
     const int64_t i0 = split(p.rowptr, p.block_rows, c0, pieces);
     const int64_t i1 = split(p.rowptr, p.block_rows, c1, pieces);
     if (i0 < i1) rows_range<R>(p, i0, i1);
