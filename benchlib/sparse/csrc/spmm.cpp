@@ -14,9 +14,10 @@
 // Register tiling over q as in XNNPACK's spmm: a tile of NV vectors of columns stays in
 // registers while the entries of one block row stream past (one broadcast of the weight, NV
 // loads, NV * R FMAs per entry), tiles outer and rows inner so the tile's strip of X stays in
-// cache for all the rows. Threads split the block rows into ranges of equal work (entries plus
-// a per-row cost), on the OpenMP runtime torch itself uses. Plain IEEE arithmetic, no
-// fast-math: only the order of the sums differs from a dense product.
+// cache for all the rows. Threads claim the column tiles (guided, see run_gather) or split
+// the block rows into ranges of equal work (entries plus a per-row cost), on the OpenMP
+// runtime torch itself uses. Plain IEEE arithmetic, no fast-math: only the order of the sums
+// differs from a dense product.
 //
 // Column blocks (ksplit, optional): a row's entries are sorted by column, so those on a block of
 // W's columns (a block of input channels) are a contiguous range; with blocks outer over a
