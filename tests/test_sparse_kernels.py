@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import io
 import stat
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from unittest import mock
 
@@ -313,6 +316,68 @@ def test_other_dtypes_take_the_reference_product_and_copies_work() -> None:
     with torch.no_grad():
         y = torch.randn(2, 5, dtype=torch.float64)
         assert relative_error(sparse_linear(y), linear.double()(y)) <= EXACT
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_the_bound_calls_follow_new_weights_copies_and_pickles(stride: int) -> None:
+    """A layer binds its tensors' addresses on its first call (``gather_plan``, the rows
+    kernel's packed call); replacing them (``.to``, a new kernel or bias) must rebind."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, stride=stride, padding=1)
+    sparsify_weight(conv, 0.7, 0, "none")
+    sparse = SparseConv2d.from_dense(conv, NativeSparseMatrix)
+    linear = nn.Linear(10, 7)
+    sparsify_weight(linear, 0.7, 0, "none")
+    sparse_linear = SparseLinear.from_dense(linear, NativeSparseMatrix)
+    x, y = torch.randn(1, 4, 9, 9), torch.randn(1, 10)
+    with torch.no_grad():
+        assert sparse.gather_plan(x) is not None
+        assert relative_error(sparse(x), conv(x)) <= EXACT
+        assert relative_error(sparse_linear(y), linear(y)) <= EXACT
+        for layer, dense in ((sparse, conv), (sparse_linear, linear)):
+            layer.kernel.double()  # new tensors: values doubled, then fp32 (new tensors again)
+            layer.kernel.values.mul_(2.0)
+            layer.kernel.float()
+            dense.weight.mul_(2.0)
+        assert relative_error(sparse(x), conv(x)) <= EXACT
+        assert relative_error(sparse_linear(y), linear(y)) <= EXACT
+        sparse.bias = torch.randn(6)
+        conv.bias.copy_(sparse.bias)
+        assert relative_error(sparse(x), conv(x)) <= EXACT
+        conv.weight.mul_(-1.0)
+        sparse.kernel = NativeSparseMatrix(conv.weight.reshape(6, -1))
+        assert relative_error(sparse(x), conv(x)) <= EXACT
+        buffer = io.BytesIO()
+        torch.save(sparse, buffer)
+        buffer.seek(0)
+        for twin in (copy.deepcopy(sparse), torch.load(buffer, weights_only=False)):
+            assert relative_error(twin(x), conv(x)) <= EXACT
+        assert relative_error(copy.deepcopy(sparse_linear)(y), linear(y)) <= EXACT
+
+
+def test_threads_sharing_a_layer_each_get_their_own_result() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+    sparsify_weight(conv, 0.8, 0, "none")
+    sparse = SparseConv2d.from_dense(conv, NativeSparseMatrix)
+    inputs = [torch.randn(1, 8, 16, 16) for _ in range(4)]
+    with torch.no_grad():
+        expected = [conv(x) for x in inputs]
+
+    def run(index: int) -> float:
+        worst = 0.0
+        with torch.no_grad():
+            for _ in range(30):
+                worst = max(worst, relative_error(sparse(inputs[index]), expected[index]))
+        return worst
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch often: between setting arguments and calling
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            assert max(pool.map(run, range(4))) <= EXACT
+    finally:
+        sys.setswitchinterval(interval)
 
 
 def test_the_default_kernel_is_native_with_its_block_format() -> None:

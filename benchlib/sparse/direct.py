@@ -28,9 +28,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from benchlib.sparse.build import NativeLibrary, load_library
+from benchlib.sparse.build import NativeLibrary, PackedCall, load_library
 
 INT32_MAX = 2**31 - 1
+COPY_SOURCE, COPY_OUT, COPY_THREADS = 0, 14, 15
+"""The arguments of a ``copy_call`` set per call (indices into ``benchlib_conv_layout``'s)."""
 ALIGN = 16
 """Floats per 64 bytes (a cache line, an AVX-512 vector)."""
 
@@ -158,6 +160,22 @@ class ConvLayout:
             )
         return offsets.to(torch.int32)
 
+    def copy_call(self, images: int) -> PackedCall:
+        """The native copy of ``source`` for ``images`` images as a ``PackedCall``: per call
+        the caller sets ``COPY_SOURCE`` (a contiguous fp32 NCHW input of this layout's size),
+        ``COPY_OUT`` (an (images, floats) fp32 buffer) and ``COPY_THREADS``. Raises
+        RuntimeError where the native kernels are unavailable."""
+        loaded = load_library()
+        if not isinstance(loaded, NativeLibrary):
+            raise RuntimeError(f"the native layout copy is unavailable: {loaded.reason}")
+        phases = self._phase_table
+        args = (
+            0, images, self.channels, self.height, self.width, phases.data_ptr(),
+            len(self.phases), *self.stride, self.padding[0], self.padding[2], self.phase_h,
+            self.phase_w, self.plane, 0, 1,
+        )  # fmt: skip
+        return PackedCall(loaded.conv_layout_packed, args, (phases,))
+
     def source(self, x: torch.Tensor) -> torch.Tensor:
         """The (batch, floats) source for the NCHW input ``x`` (any memory format): written by
         the native kernels' parallel copy for fp32 where they are built, else by torch ops."""
@@ -172,12 +190,10 @@ class ConvLayout:
         ):
             x = x.contiguous()
             out = x.new_empty(batch, self.floats)
-            phases = self._phase_table
-            loaded.conv_layout(
-                x.data_ptr(), batch, self.channels, self.height, self.width, phases.data_ptr(),
-                len(self.phases), *self.stride, self.padding[0], self.padding[2], self.phase_h,
-                self.phase_w, self.plane, out.data_ptr(), torch.get_num_threads(),
-            )  # fmt: skip
+            copy = self.copy_call(batch)
+            copy[COPY_SOURCE], copy[COPY_OUT] = x.data_ptr(), out.data_ptr()
+            copy[COPY_THREADS] = torch.get_num_threads()
+            copy()
             return out
         top, bottom, left, right = self.padding
         if self.stride == (1, 1) and self.plane == self.phase_h * self.phase_w:

@@ -22,10 +22,13 @@ input pixel (the rows kernel over H*W "rows"): 1x1 convs at 90% sparsity, 2 thre
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 import torch
 from torch import nn
 
-from benchlib.sparse.build import NativeLibrary, NativeUnavailable, load_library
+from benchlib.sparse.build import NativeLibrary, NativeUnavailable, PackedCall, load_library
 
 ROWS_PER_BLOCK = (1, 2, 4, 8)
 """Block heights the kernels are compiled for."""
@@ -33,6 +36,15 @@ ROWS_MAX_BATCH = 2
 """A linear layer with at most this many input rows runs the rows kernel, more the gather form.
 Measured, 2048 -> 1000 at 90% sparsity, 2 threads (rows / gather / dense ``nn.Linear`` us):
 batch 1: 47 / 62 / 101, 2: 66 / 73 / 191, 3: 96 / 74 / 296, 8: 269 / 82 / 396."""
+
+
+# The arguments of a ``gather_call`` set per call: indices into ``benchlib_spmm_gather``'s.
+GATHER_SOURCE = 6
+GATHER_OUT = 12
+GATHER_RELU = 15
+GATHER_RESIDUAL = 16
+GATHER_THREADS = 19
+_ROWS_X, _ROWS_BIAS, _ROWS_Y, _ROWS_RELU, _ROWS_THREADS = 6, 3, 9, 11, 12
 
 
 def library() -> NativeLibrary:
@@ -80,6 +92,18 @@ class NativeSparseMatrix(nn.Module):
         self.register_buffer("values", blocks[block_row, :, col].contiguous())  # (entries, R)
         self._batch_offsets: dict[int, torch.Tensor] = {}
         self._k_splits: dict[int, torch.Tensor] = {}
+        self._row_calls: dict[int, PackedCall] = {}  # per batch size
+        self._row_lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """For copy and pickle: without the packed calls (addresses) and their lock."""
+        state = self.__dict__.copy()
+        state["_row_calls"], state["_row_lock"] = {}, None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # type: ignore[no-untyped-call]
+        self._row_lock = threading.Lock()
 
     @property
     def entries(self) -> int:
@@ -182,16 +206,8 @@ class NativeSparseMatrix(nn.Module):
         if check:
             self._check_gather(source, offsets, columns, pitch, row_length, out, rows_out)
             self._check_bias(bias)
-            if ksplit is not None and (
-                ksplit.dtype != torch.int32
-                or not ksplit.is_contiguous()
-                or ksplit.dim() != 2
-                or ksplit.shape[0] != self.shape[0] // self.rows_per_block
-                or ksplit.shape[1] < 2
-            ):
-                raise ValueError(
-                    f"ksplit must come from k_split: got {tuple(ksplit.shape)} {ksplit.dtype}"
-                )
+            if ksplit is not None:
+                self._check_ksplit(ksplit)
         if residual is not None and (
             residual.shape != out.shape
             or not residual.is_contiguous()
@@ -219,6 +235,55 @@ class NativeSparseMatrix(nn.Module):
         if status:
             raise ValueError(f"the native kernel refused its operands (status {status})")
         return out
+
+    def gather_call(
+        self,
+        offsets: torch.Tensor,
+        source_floats: int,
+        images: int,
+        columns: int,
+        pitch: int,
+        row_length: int,
+        bias: torch.Tensor | None,
+        ksplit: torch.Tensor | None = None,
+    ) -> PackedCall:
+        """``gather`` for one geometry as a ``PackedCall``, its operands checked once (as
+        ``gather`` checks them): per call the caller sets ``GATHER_SOURCE`` and ``GATHER_OUT``
+        (the addresses of a contiguous (images, source_floats) source and of an out as
+        ``gather``'s), ``GATHER_THREADS``, and may set ``GATHER_RELU`` (1) and
+        ``GATHER_RESIDUAL`` (a residual's address; needs ``pitch == row_length``). The call
+        keeps this kernel's tensors, ``offsets``, ``bias`` and ``ksplit``; it is stale once
+        ``values`` is another tensor (``.to``, a new kernel). Raises ValueError as ``gather``.
+        """
+        rows_out = -(-columns // pitch) if columns > 0 and pitch > 0 else 0
+        plane = rows_out * row_length
+        source = self.values.new_empty(images, source_floats)  # shapes for the checks only
+        out = self.values.new_empty(images, self.shape[0], plane)
+        self._check_gather(source, offsets, columns, pitch, row_length, out, rows_out)
+        self._check_bias(bias)
+        if ksplit is not None:
+            self._check_ksplit(ksplit)
+        args = (
+            self.rowptr.data_ptr(), offsets.data_ptr(), self.values.data_ptr(),
+            None if bias is None else bias.data_ptr(), self.shape[0] // self.rows_per_block,
+            self.rows_per_block, 0, source_floats, images, columns, pitch, row_length, 0,
+            self.shape[0] * plane, plane, 0, 0, None if ksplit is None else ksplit.data_ptr(),
+            0 if ksplit is None else int(ksplit.shape[-1]) - 1, 1,
+        )  # fmt: skip
+        keep = (self.rowptr, offsets, self.values, bias, ksplit)
+        return PackedCall(library().gather_packed, args, keep)
+
+    def _check_ksplit(self, ksplit: torch.Tensor) -> None:
+        if (
+            ksplit.dtype != torch.int32
+            or not ksplit.is_contiguous()
+            or ksplit.dim() != 2
+            or ksplit.shape[0] != self.shape[0] // self.rows_per_block
+            or ksplit.shape[1] < 2
+        ):
+            raise ValueError(
+                f"ksplit must come from k_split: got {tuple(ksplit.shape)} {ksplit.dtype}"
+            )
 
     def k_split(self, block_columns: int) -> torch.Tensor:
         """int32 (block rows, blocks + 1): where each block row's entries on the matrix columns
@@ -309,12 +374,24 @@ class NativeSparseMatrix(nn.Module):
         out = x.new_empty(batch, self.shape[0])
         if batch == 0 or self.shape[0] == 0:
             return out
-        status = library().rows(
-            self.rowptr.data_ptr(), self.col.data_ptr(), self.values.data_ptr(),
-            None if bias is None else bias.data_ptr(), self.shape[0] // self.rows_per_block,
-            self.rows_per_block, x.data_ptr(), int(x.shape[1]), batch, out.data_ptr(),
-            self.shape[0], int(relu), torch.get_num_threads(),
-        )  # fmt: skip
+        values = self._buffers["values"]  # (without nn.Module's slow attribute lookup)
+        assert values is not None
+        call = self._row_calls.get(batch)
+        if call is None or call.keep[2] is not values:  # first call, or new tensors (.to)
+            args = (
+                self.rowptr.data_ptr(), self.col.data_ptr(), values.data_ptr(), 0,
+                self.shape[0] // self.rows_per_block, self.rows_per_block, 0, self.shape[1],
+                batch, 0, self.shape[0], 0, 1,
+            )  # fmt: skip
+            call = PackedCall(library().rows_packed, args, (self.rowptr, self.col, values))
+            self._row_calls[batch] = call
+        with self._row_lock:
+            call[_ROWS_X] = x.data_ptr()
+            call[_ROWS_BIAS] = 0 if bias is None else bias.data_ptr()
+            call[_ROWS_Y] = out.data_ptr()
+            call[_ROWS_RELU] = int(relu)
+            call[_ROWS_THREADS] = torch.get_num_threads()
+            status = call()
         if status:
             raise ValueError(f"the native kernel refused block height {self.rows_per_block}")
         return out

@@ -184,4 +184,11 @@ void parallel_rows(int64_t rows, int threads, const Body& body) {
   body(0, 1);
 }
 
+// Argument k of a packed call (a *_packed entry point: every argument of the plain one, in
+// its order, as one int64 each; pointers as their address, null as 0).
+template <typename T>
+inline T* packed_ptr(const int64_t* args, int k) {
+  return reinterpret_cast<T*>(static_cast<intptr_t>(args[k]));
+}
+
 }  // namespace

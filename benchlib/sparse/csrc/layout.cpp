@@ -179,4 +179,13 @@ int benchlib_conv_layout(const float* x, int64_t images, int64_t channels, int64
   return 0;
 }
 
+// benchlib_conv_layout with its arguments packed in one array, in the same order (see
+// packed_ptr and spmm.cpp's packed entry points).
+int benchlib_conv_layout_packed(const int64_t* a) {
+  return benchlib_conv_layout(packed_ptr<const float>(a, 0), a[1], a[2], a[3], a[4],
+                              packed_ptr<const int32_t>(a, 5), a[6], a[7], a[8], a[9], a[10],
+                              a[11], a[12], a[13], packed_ptr<float>(a, 14),
+                              static_cast<int>(a[15]));
+}
+
 }  // extern "C"
