@@ -687,6 +687,18 @@ def test_the_native_layout_copy_of_any_shape_writes_exactly_its_planes(
     assert guarded[2 * layout.floats :].isnan().all()
 
 
+def test_the_stride_2_copy_is_exact_for_every_row_length() -> None:
+    """copy_even's paths: whole vectors, the last vector shifted back, two 4-float halves
+    (rows of 5-8 floats), single floats; a phase row here holds about width / 2 floats."""
+    torch.manual_seed(0)
+    for width in range(1, 70):
+        layout = ConvLayout.of(3, (5, width), (3, 3), (2, 2), (1, 1), (1, 1, 1, 1))
+        x = torch.randn(1, 3, 5, width)
+        native = layout.source(x)
+        with mock.patch("benchlib.sparse.direct.load_library", lambda: NativeUnavailable("t")):
+            assert torch.equal(native, layout.source(x)), width
+
+
 class Bottleneck(nn.Module):
     """torchvision's pattern: the downsample branch runs after conv3, then ``out += identity``."""
 
