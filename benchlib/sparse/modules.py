@@ -259,15 +259,16 @@ def conv_matrix(weight: torch.Tensor, groups: int) -> torch.Tensor:
 ALIGN_MIN_REUSE = 128
 """A 1x1 conv whose kernel reads each input value at least this often (stored weights per
 input channel) copies its input into 64-byte aligned planes first, with the AVX-512 kernels
-(``ALIGN_ISAS``). Measured at 90% sparsity, 2 threads (in place -> aligned, us): 512 -> 2048
-@7x7 (reuse 205) 110 -> 97; 1024 -> 256 @14x14 (reuse 26) 100 -> 117; 2048 -> 512 @7x7 (reuse
-51) 117 -> 135: the copy costs more than the aligned loads save until the reuse is high."""
+(``ALIGN_ISAS``): the copy costs more than the aligned loads save until the reuse is high.
+No AVX-512 machine was at hand to tune it; 128 is where the copy came closest to paying on
+AVX2 (512 -> 2048 @7x7, reuse about 200)."""
 ALIGN_ISAS = frozenset({"avx512"})
 """The kernels' instruction sets that take the aligned copy: those whose vector is a cache line.
 With AVX2's 32-byte vectors it measured slower everywhere (AVX2 EPYC, 2 threads, in-process
 A/B, aligned / in place): 512 -> 2048 @7x7 at density 0.1 (reuse 206) 1.13x the time, 0.05
-1.26x; 2048 -> 512 @7x7 at 0.29 1.08x, 0.1 2.20x; 256 -> 1024 @14x14 at 0.13 1.32x, 0.2 1.23x; 1024 -> 256
-@14x14 at 0.45 1.43x; 128 -> 512 @28x28 at 0.3 1.03x; 64 -> 256 @56x56 at 0.6 1.04x."""
+1.26x; 2048 -> 512 @7x7 at 0.29 1.08x, 0.1 2.20x; 256 -> 1024 @14x14 at 0.13 1.32x, 0.2
+1.23x; 1024 -> 256 @14x14 at 0.45 1.43x; 128 -> 512 @28x28 at 0.3 1.03x; 64 -> 256 @56x56
+at 0.6 1.04x."""
 
 
 def aligned_copy_pays() -> bool:
