@@ -288,7 +288,7 @@ def test_the_linear_layer_equals_dense_at_every_batch(
 
 
 def test_the_rows_kernel_sums_rows_of_every_length() -> None:
-    """Rows of 0 to 100 entries: the vector loops (8 / 16 entries by one gather, four
+    """Rows of 0 to 100 entries: the vector loops (8 / 16 entries into one vector, four
     accumulators) and every tail, for one and two inputs."""
     torch.manual_seed(3)
     weight = torch.zeros(101, 150)
