@@ -34,6 +34,7 @@ from benchlib.sparse import (
 )
 from benchlib.sparse.build import build, cache_dir, compiler
 from benchlib.sparse.modules import L2_FLOATS, column_block
+from benchlib.sparse.native import ColumnBlocks
 from benchlib.target import Precision
 from targets.cpu_sparse import CpuSparse
 from tests.test_sparse_modules import ConvCase, conv_cases, sparsify_weight
@@ -809,10 +810,11 @@ def test_column_blocks_compute_the_same_product(
     args = (source, offsets, columns, pitch, row_length)
     expected = kernel.gather(*args, torch.zeros_like(out), bias, relu, residual=residual)
     ksplit = kernel.k_split(block_columns)
-    assert ksplit.shape == (block_rows, -(-cols // block_columns) + 1)
+    assert ksplit.bounds.shape == (-(-cols // block_columns), block_rows + 1)
     actual = kernel.gather(*args, out, bias, relu, residual=residual, ksplit=ksplit)
+    truncated = ColumnBlocks(block_columns, ksplit.bounds[:, :1].contiguous(), ksplit.order)
     with pytest.raises(ValueError, match="ksplit must come from k_split"):
-        kernel.gather(*args, out, bias, relu, residual=residual, ksplit=ksplit[:, :1])
+        kernel.gather(*args, out, bias, relu, residual=residual, ksplit=truncated)
     assert relative_error(actual, expected) <= EXACT
     if rows * columns:
         dense = kernel.reference(torch.eye(cols)).t()  # (cols, rows): W^T
@@ -823,6 +825,29 @@ def test_column_blocks_compute_the_same_product(
             reference = reference + residual[..., : int(keep.sum())]
         reference = reference.clamp(min=0) if relu else reference
         assert relative_error(actual[..., : int(keep.sum())], reference) <= EXACT
+
+
+@pytest.mark.parametrize(("rows_per_block", "width"), [(1, 1), (1, 7), (4, 16), (2, 64)])
+def test_column_blocks_order_the_entries_block_major(rows_per_block: int, width: int) -> None:
+    """Block b's entries of block row i are exactly row i's entries on columns [b * width,
+    (b + 1) * width), in column order, and the blocks follow one another (rows empty in a block
+    included)."""
+    kernel = NativeSparseMatrix(random_matrix(24, 50, 0.7, 5, "none"), rows_per_block)
+    blocks = kernel.k_split(width)
+    block_rows = 24 // rows_per_block
+    assert blocks.bounds.shape == (blocks.blocks, block_rows + 1)
+    assert blocks.blocks == -(-50 // width)
+    assert sorted(blocks.order.tolist()) == list(range(kernel.entries))
+    col, rowptr, bounds = kernel.col.tolist(), kernel.rowptr.tolist(), blocks.bounds.tolist()
+    expected_start = 0
+    for b in range(blocks.blocks):
+        for i in range(block_rows):
+            begin, end = bounds[b][i], bounds[b][i + 1]
+            assert begin == expected_start
+            mine = [j for j in range(rowptr[i], rowptr[i + 1]) if col[j] // width == b]
+            assert blocks.order[begin:end].tolist() == mine, (b, i)
+            expected_start = end
+    assert expected_start == kernel.entries
 
 
 @pytest.mark.parametrize(

@@ -44,6 +44,7 @@ from benchlib.sparse.native import (
     GATHER_RESIDUAL,
     GATHER_SOURCE,
     GATHER_THREADS,
+    ColumnBlocks,
 )
 
 BETA_WARNING = r"Sparse (CSR|CSC|BSR|BSC) tensor support is in beta state"
@@ -157,10 +158,10 @@ class GatherKernel(Protocol):
         *,
         check: bool = True,
         residual: torch.Tensor | None = None,
-        ksplit: torch.Tensor | None = None,
+        ksplit: ColumnBlocks | None = None,
     ) -> torch.Tensor: ...
 
-    def k_split(self, block_columns: int) -> torch.Tensor:
+    def k_split(self, block_columns: int) -> ColumnBlocks:
         """The ``ksplit`` operand of ``gather`` for blocks of ``block_columns`` columns."""
         ...
 
@@ -177,7 +178,7 @@ class GatherKernel(Protocol):
         pitch: int,
         row_length: int,
         bias: torch.Tensor | None,
-        ksplit: torch.Tensor | None = None,
+        ksplit: ColumnBlocks | None = None,
     ) -> PackedCall:
         """``gather`` for one geometry, its constant operands bound and checked once."""
         ...
@@ -400,7 +401,7 @@ class SparseConv2d(nn.Module):
         self.gathers = isinstance(kernel, GatherKernel)
         self.relu = False
         self._layouts: dict[tuple[int, int], tuple[ConvLayout, torch.Tensor]] = {}
-        self._ksplits: dict[tuple[int, int], torch.Tensor | None] = {}
+        self._ksplits: dict[tuple[int, int], ColumnBlocks | None] = {}
         self._plans: dict[tuple[int, ...], GatherPlan] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -477,7 +478,7 @@ class SparseConv2d(nn.Module):
             cached = self._layouts[key] = (layout, layout.entry_offsets(kernel.col))
         return cached
 
-    def ksplit(self, height: int, width: int) -> torch.Tensor | None:
+    def ksplit(self, height: int, width: int) -> ColumnBlocks | None:
         """The column-block bounds ``gather`` runs the direct form with on an input of
         (height, width) pixels (``column_block``), or None (built once per size)."""
         key = (height, width)

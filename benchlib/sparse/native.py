@@ -23,6 +23,7 @@ input pixel (the rows kernel over H*W "rows"): 1x1 convs at 90% sparsity, 2 thre
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,6 +46,26 @@ GATHER_RELU = 15
 GATHER_RESIDUAL = 16
 GATHER_THREADS = 19
 _ROWS_X, _ROWS_BIAS, _ROWS_Y, _ROWS_RELU, _ROWS_THREADS = 6, 3, 9, 11, 12
+
+
+@dataclass(frozen=True)
+class ColumnBlocks:
+    """A matrix's columns in blocks of ``width`` (``NativeSparseMatrix.k_split``), for the
+    gather form's ``ksplit``: the kernels then run the blocks outer over each column tile and
+    read the entries block-major (by block, then block row), so that the weights stream in
+    the order the loops use them."""
+
+    width: int
+    bounds: torch.Tensor
+    """int32 (blocks, block rows + 1): block row i's entries on block b are the block-major
+    entries ``[bounds[b, i], bounds[b, i + 1])``."""
+    order: torch.Tensor
+    """int64 (entries,): the row-major index of each block-major entry (``values[order]``,
+    ``offsets[order]`` are what the kernels read)."""
+
+    @property
+    def blocks(self) -> int:
+        return int(self.bounds.shape[0])
 
 
 def library() -> NativeLibrary:
@@ -91,7 +112,7 @@ class NativeSparseMatrix(nn.Module):
         self.register_buffer("col", col.to(torch.int32).contiguous())
         self.register_buffer("values", blocks[block_row, :, col].contiguous())  # (entries, R)
         self._batch_offsets: dict[int, torch.Tensor] = {}
-        self._k_splits: dict[int, torch.Tensor] = {}
+        self._k_splits: dict[int, ColumnBlocks] = {}
         self._row_calls: dict[int, PackedCall] = {}  # per batch size
         self._row_lock = threading.Lock()
 
@@ -185,7 +206,7 @@ class NativeSparseMatrix(nn.Module):
         *,
         check: bool = True,
         residual: torch.Tensor | None = None,
-        ksplit: torch.Tensor | None = None,
+        ksplit: ColumnBlocks | None = None,
     ) -> torch.Tensor:
         """``out[b, m, place(q)] = act(bias[m] + sum_e W[m, k_e] * source[b, offsets[e] + q]
         (+ residual[b, m, place(q)]))`` for q in [0, columns), where place(q) = (q // pitch) *
@@ -193,7 +214,8 @@ class NativeSparseMatrix(nn.Module):
         is ReLU when ``relu``. A ``residual`` (shaped and laid out as ``out``) needs
         ``pitch == row_length``. A ``ksplit`` from ``k_split`` runs the matrix's columns in
         blocks, outer over each column tile: the same sums (their order differs), with the
-        block of ``source`` a tile reads kept in L1.
+        block of ``source`` a tile reads kept in L1 (this call reorders the values and
+        ``offsets`` block-major for it; ``gather_call`` does so once).
 
         ``source`` (images, floats) and ``out`` (images, M, ...) contiguous fp32, ``offsets``
         int32 per stored entry with ``max(offsets) + columns <= floats``: the bound is the
@@ -222,14 +244,17 @@ class NativeSparseMatrix(nn.Module):
         if columns == 0 or images == 0:
             return out
         plane = rows_out * row_length
+        values = self.values
+        if ksplit is not None:
+            offsets, values = self._block_major(offsets, ksplit)
         status = library().gather(
-            self.rowptr.data_ptr(), offsets.data_ptr(), self.values.data_ptr(),
+            self.rowptr.data_ptr(), offsets.data_ptr(), values.data_ptr(),
             None if bias is None else bias.data_ptr(), self.shape[0] // self.rows_per_block,
             self.rows_per_block, source.data_ptr(), int(source.shape[1]), images, columns, pitch,
             row_length, out.data_ptr(), self.shape[0] * plane, plane, int(relu),
             None if residual is None else residual.data_ptr(),
-            None if ksplit is None else ksplit.data_ptr(),
-            0 if ksplit is None else int(ksplit.shape[-1]) - 1,
+            None if ksplit is None else ksplit.bounds.data_ptr(),
+            0 if ksplit is None else ksplit.blocks,
             torch.get_num_threads(),
         )  # fmt: skip
         if status:
@@ -245,15 +270,16 @@ class NativeSparseMatrix(nn.Module):
         pitch: int,
         row_length: int,
         bias: torch.Tensor | None,
-        ksplit: torch.Tensor | None = None,
+        ksplit: ColumnBlocks | None = None,
     ) -> PackedCall:
         """``gather`` for one geometry as a ``PackedCall``, its operands checked once (as
         ``gather`` checks them): per call the caller sets ``GATHER_SOURCE`` and ``GATHER_OUT``
         (the addresses of a contiguous (images, source_floats) source and of an out as
         ``gather``'s), ``GATHER_THREADS``, and may set ``GATHER_RELU`` (1) and
         ``GATHER_RESIDUAL`` (a residual's address; needs ``pitch == row_length``). The call
-        keeps this kernel's tensors, ``offsets``, ``bias`` and ``ksplit``; it is stale once
-        ``values`` is another tensor (``.to``, a new kernel). Raises ValueError as ``gather``.
+        keeps this kernel's tensors, ``offsets``, ``bias`` and ``ksplit`` (with ``ksplit``, its
+        own block-major copies of the values and offsets); it is stale once ``values`` is
+        another tensor (``.to``, a new kernel). Raises ValueError as ``gather``.
         """
         rows_out = -(-columns // pitch) if columns > 0 and pitch > 0 else 0
         plane = rows_out * row_length
@@ -261,34 +287,46 @@ class NativeSparseMatrix(nn.Module):
         out = self.values.new_empty(images, self.shape[0], plane)
         self._check_gather(source, offsets, columns, pitch, row_length, out, rows_out)
         self._check_bias(bias)
+        values = self.values
         if ksplit is not None:
             self._check_ksplit(ksplit)
+            offsets, values = self._block_major(offsets, ksplit)
         args = (
-            self.rowptr.data_ptr(), offsets.data_ptr(), self.values.data_ptr(),
+            self.rowptr.data_ptr(), offsets.data_ptr(), values.data_ptr(),
             None if bias is None else bias.data_ptr(), self.shape[0] // self.rows_per_block,
             self.rows_per_block, 0, source_floats, images, columns, pitch, row_length, 0,
-            self.shape[0] * plane, plane, 0, 0, None if ksplit is None else ksplit.data_ptr(),
-            0 if ksplit is None else int(ksplit.shape[-1]) - 1, 1,
+            self.shape[0] * plane, plane, 0, 0,
+            None if ksplit is None else ksplit.bounds.data_ptr(),
+            0 if ksplit is None else ksplit.blocks, 1,
         )  # fmt: skip
-        keep = (self.rowptr, offsets, self.values, bias, ksplit)
+        keep = (self.rowptr, offsets, values, bias, ksplit)
         return PackedCall(library().gather_packed, args, keep)
 
-    def _check_ksplit(self, ksplit: torch.Tensor) -> None:
+    def _check_ksplit(self, ksplit: ColumnBlocks) -> None:
+        bounds, order = ksplit.bounds, ksplit.order
         if (
-            ksplit.dtype != torch.int32
-            or not ksplit.is_contiguous()
-            or ksplit.dim() != 2
-            or ksplit.shape[0] != self.shape[0] // self.rows_per_block
-            or ksplit.shape[1] < 2
+            bounds.dtype != torch.int32
+            or not bounds.is_contiguous()
+            or bounds.dim() != 2
+            or bounds.shape[0] < 1
+            or bounds.shape[1] != self.shape[0] // self.rows_per_block + 1
+            or order.dtype != torch.int64
+            or order.numel() != self.entries
         ):
             raise ValueError(
-                f"ksplit must come from k_split: got {tuple(ksplit.shape)} {ksplit.dtype}"
+                f"ksplit must come from k_split: got bounds {tuple(bounds.shape)} "
+                f"{bounds.dtype}, order of {order.numel()} entries for {self.entries}"
             )
 
-    def k_split(self, block_columns: int) -> torch.Tensor:
-        """int32 (block rows, blocks + 1): where each block row's entries on the matrix columns
-        ``[k * block_columns, (k + 1) * block_columns)`` begin, for ``gather``'s ``ksplit``
-        (cached per block width). Raises ValueError for a width below 1."""
+    def _block_major(
+        self, offsets: torch.Tensor, ksplit: ColumnBlocks
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``offsets`` and the values in ``ksplit``'s block-major entry order."""
+        return offsets[ksplit.order].contiguous(), self.values[ksplit.order].contiguous()
+
+    def k_split(self, block_columns: int) -> ColumnBlocks:
+        """The matrix's columns in blocks of ``block_columns`` for ``gather``'s ``ksplit``
+        (cached per width). Raises ValueError for a width below 1."""
         if block_columns < 1:
             raise ValueError(f"a column block must be at least 1 column, got {block_columns}")
         cached = self._k_splits.get(block_columns)
@@ -297,11 +335,15 @@ class NativeSparseMatrix(nn.Module):
             blocks = max(1, -(-cols // block_columns))
             counts = (self.rowptr[1:] - self.rowptr[:-1]).long()
             row = torch.repeat_interleave(torch.arange(block_rows), counts)
-            key = row * cols + self.col.long()  # ascending: rows in order, columns sorted
-            edges = (torch.arange(blocks + 1) * block_columns).clamp(max=cols)
-            bounds = torch.arange(block_rows).unsqueeze(1) * cols + edges.unsqueeze(0)
-            found = torch.searchsorted(key, bounds.reshape(-1)).reshape(block_rows, blocks + 1)
-            cached = self._k_splits[block_columns] = found.to(torch.int32).contiguous()
+            block = self.col.long() // block_columns
+            # block-major: by block, then row; within a row the columns stay sorted
+            order = torch.argsort(block * block_rows + row, stable=True)
+            per_block_row = torch.zeros(blocks * block_rows, dtype=torch.int64)
+            per_block_row.index_add_(0, block * block_rows + row, torch.ones_like(row))
+            starts = torch.cat([per_block_row.new_zeros(1), per_block_row.cumsum(0)])
+            take = torch.arange(blocks).unsqueeze(1) * block_rows + torch.arange(block_rows + 1)
+            bounds = starts[take].to(torch.int32).contiguous()
+            cached = self._k_splits[block_columns] = ColumnBlocks(block_columns, bounds, order)
         return cached
 
     def _check_gather(

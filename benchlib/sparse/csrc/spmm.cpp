@@ -19,10 +19,12 @@
 // runtime torch itself uses. Plain IEEE arithmetic, no fast-math: only the order of the sums
 // differs from a dense product.
 //
-// Column blocks (ksplit, optional): a row's entries are sorted by column, so those on a block of
-// W's columns (a block of input channels) are a contiguous range; with blocks outer over a
-// tile, the strip of X one block reads stays in L1 for all the rows, and the partial sums wait
-// in Y (or in a per-thread buffer of all the rows' tiles, scattered at the end).
+// Column blocks (ksplit, optional): W's columns (its input channels) in blocks, outer over a
+// tile, so that the strip of X one block reads stays in L1 for all the rows; the partial sums
+// wait in Y (or in a per-thread buffer of all the rows' tiles, scattered at the end). The
+// entries are then stored block-major (by column block, then row, as the loops read them), so
+// that the weights stream in order: read row-major, each row's range in a block is a short
+// jump from the last (ResNet-50 magnitude:0.9 end to end ran 0.92x the time block-major).
 //
 // The "rows" kernel is the small-batch linear layer: X row-major (batch, K), Y (batch, M).
 //
@@ -89,7 +91,7 @@ struct Problem {
   int64_t ldy;      // floats between rows of Y
   bool relu;
   const float* residual;  // null, or added before the ReLU: laid out as Y (direct form only)
-  const int32_t* ksplit;  // null, or per block row the kblocks + 1 bounds of its column blocks
+  const int32_t* ksplit;  // null, or per column block the block_rows + 1 bounds of its rows
   int64_t kblocks;
 };
 
@@ -213,7 +215,7 @@ void tile_rows(const Problem& p, int64_t i0, int64_t i1, const float* x, float* 
     const int64_t kb_count = p.kblocks, last = kb_count - 1;
     for (int64_t kb = 0; kb < kb_count; ++kb) {
       for (int64_t i = i0; i < i1; ++i) {
-        const int32_t* ks = p.ksplit + i * (kb_count + 1) + kb;
+        const int32_t* ks = p.ksplit + kb * (p.block_rows + 1) + i;
         const int64_t at = i * R * p.ldy + q0;
         float* o = direct ? y + at : tmp + (i - i0) * R * tw;
         const int64_t ldo = direct ? p.ldy : tw;
@@ -495,9 +497,10 @@ const char* benchlib_spmm_isa() { return kIsa; }
 // Gather form (see the top of this file). y must hold images * y_image floats; for every
 // entry, off + n - 1 must lie inside X's image (the caller checks). A residual (laid out as y;
 // direct form, pitch == row_len, only: else 2 is returned) is added before the ReLU. ksplit
-// (null, or ignored when kblocks < 1) holds per block row the kblocks + 1 entry bounds
-// of its blocks of columns: entry j of row i lies in block kb when ksplit[i * (kblocks + 1) +
-// kb] <= j < ksplit[i * (kblocks + 1) + kb + 1]; the blocks run outer over each tile.
+// (null, or ignored when kblocks < 1) holds per block of columns the block_rows + 1 entry
+// bounds of its block rows, the entries (off, val) ordered block-major: entry j of row i lies
+// in block kb when ksplit[kb * (block_rows + 1) + i] <= j < ksplit[kb * (block_rows + 1) + i +
+// 1]; the blocks run outer over each tile.
 int benchlib_spmm_gather(const int32_t* rowptr, const int32_t* off, const float* val,
                          const float* bias, int64_t block_rows, int64_t R, const float* x,
                          int64_t x_image, int64_t images, int64_t n, int64_t pitch,
