@@ -6,10 +6,11 @@ and runs max pooling natively (``benchlib.sparse.fuse`` / ``pool``); (2) convert
 (``benchlib.sparse.CANDIDATE_THRESHOLD``, measured there) to a sparse module; (3) times each
 converted layer against its dense original on the input it really gets and keeps it sparse only
 where that is faster (``benchlib.sparse.tune``); (4) lets the sparse layers apply the ReLU that
-follows them. ``info`` lists, per layer, what ran sparse, in which format and kernel, why
+follows them; (5) runs each run of native sparse convs that only feed each other (a ResNet's
+body) as one native call from its second call on (``benchlib.sparse.chain``). ``info`` lists, per layer, what ran sparse, in which format and kernel, why
 (density, and both timings), and the weight bytes stored against dense; ``info["fusion"]``
-counts the fusions (a residual add folded into the pointwise conv before it, too), or says
-why the model was not traced.
+counts the fusions (a residual add folded into the pointwise conv before it, the layers
+chained, too), or says why the model was not traced.
 
 The kernels are benchlib's own (``NativeSparseMatrix``: C++ built just in time, CSR and BSR
 Rx1, direct convolution without im2col); where they cannot build, PyTorch's sparse CSR / BSR
@@ -34,6 +35,7 @@ from benchlib.sparse import (
     sparsify,
     totals,
 )
+from benchlib.sparse.chain import chain_convs
 from benchlib.sparse.fuse import fold_batchnorm, fuse_relu, fuse_residual, trace
 from benchlib.sparse.pool import replace_max_pools
 from benchlib.sparse.tune import keep_faster
@@ -134,6 +136,7 @@ class CpuSparse:
             "residual_fused": 0,
             "relu_fused": 0,
             "max_pools": 0,
+            "chained": 0,
         }
         if self.fuse:
             traced = trace(model)
@@ -150,4 +153,5 @@ class CpuSparse:
         if self.fuse and isinstance(converted, fx.GraphModule):
             fusion["residual_fused"] = fuse_residual(converted)
             fusion["relu_fused"] = fuse_relu(converted)
+            fusion["chained"] = chain_convs(converted)
         return converted, layers, fusion

@@ -24,6 +24,7 @@ FUSIONS = (
     ("residual_fused", "adds fused"),
     ("relu_fused", "ReLU fused"),
     ("max_pools", "native max pool"),
+    ("chained", "layers chained"),
 )
 """``info["fusion"]`` counts as shown, in this order."""
 

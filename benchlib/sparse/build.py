@@ -37,7 +37,7 @@ from typing import IO, Any
 
 CACHE_ENV = "BENCHLIB_CACHE_DIR"
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "spmm.cpp", CSRC / "layout.cpp")
+SOURCES = (CSRC / "spmm.cpp", CSRC / "layout.cpp", CSRC / "chain.cpp")
 """Compiled into one library: the sparse products, and the conv layout copy and max pooling."""
 HEADERS = (CSRC / "common.h",)
 """Included by the sources (the vector type per instruction set, the OpenMP loop)."""
@@ -77,6 +77,8 @@ class NativeLibrary:
     ``PackedCall``. Likewise ``rows_packed`` and ``conv_layout_packed``."""
     rows_packed: Callable[[int], int]
     conv_layout_packed: Callable[[int], int]
+    run_chain: Callable[[int, int], int]
+    """Runs a chain of packed calls (``benchlib.sparse.chain``): steps' address, count."""
 
 
 class PackedCall:
@@ -108,6 +110,16 @@ class PackedCall:
     def __call__(self) -> int:
         """Runs the function on the array as it is now; returns its status (0: done)."""
         return self._function(self._address)
+
+    @property
+    def address(self) -> int:
+        """The argument array's address (what the function receives)."""
+        return self._address
+
+    def copy(self, keep: tuple[Any, ...] = ()) -> PackedCall:
+        """The same call on a new array holding the current arguments, keeping this call's
+        tensors and ``keep`` alive: a caller that sets arguments of its own."""
+        return PackedCall(self._function, list(self._array), (*self.keep, *keep))
 
 
 def cache_dir(environ: Mapping[str, str] | None = None, home: Path | None = None) -> Path:
@@ -186,6 +198,7 @@ SIGNATURES = {
     "benchlib_spmm_gather_packed": "p",
     "benchlib_spmm_rows_packed": "p",
     "benchlib_conv_layout_packed": "p",
+    "benchlib_run_chain": "p i",
 }
 """Argument types of the library's functions, as in csrc/*.cpp: p a pointer, i an int64_t,
 n an int. All return int (0: done)."""
@@ -216,6 +229,7 @@ def _bind(path: Path, build_s: float) -> NativeLibrary:
         functions["spmm_gather_packed"],
         functions["spmm_rows_packed"],
         functions["conv_layout_packed"],
+        functions["run_chain"],
     )
 
 

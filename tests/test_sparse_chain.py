@@ -1,0 +1,212 @@
+"""``benchlib.sparse.chain``: runs of sparse convs executed by one native call."""
+
+from __future__ import annotations
+
+import copy
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from torch import fx, nn
+from torchvision.models.resnet import Bottleneck, ResNet
+
+from benchlib.harness.verify import relative_error
+from benchlib.sparse import NativeSparseMatrix, NativeUnavailable, load_library, sparsify
+from benchlib.sparse.build import compiler
+from benchlib.sparse.chain import CHAIN_INPUT, NativeChain, chain_convs
+from benchlib.sparse.fuse import fold_batchnorm, fuse_relu, fuse_residual, trace
+from benchlib.sparse.modules import SparseConv2d
+from tests.test_sparse_modules import sparsify_weight
+
+EXACT = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def native() -> None:
+    loaded = load_library()
+    if isinstance(loaded, NativeUnavailable):
+        if compiler() is None:
+            pytest.skip(f"no C++ compiler: {loaded.reason}")
+        pytest.fail(f"the native kernels did not build: {loaded.reason}")
+
+
+def bottleneck_net() -> nn.Module:
+    """A small torchvision ResNet of bottlenecks (layer2 has an identity block), its convs
+    but the first 80% sparse, BatchNorm statistics not the identity."""
+    torch.manual_seed(0)
+    model = ResNet(Bottleneck, [1, 2, 1, 1], num_classes=10).eval()
+    for index, module in enumerate(model.modules()):
+        if isinstance(module, nn.BatchNorm2d):
+            with torch.no_grad():
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2)
+        elif isinstance(module, nn.Conv2d) and module is not model.conv1:
+            sparsify_weight(module, 0.8, index, "none")
+    return model
+
+
+def converted(model: nn.Module, chain: bool = True) -> fx.GraphModule:
+    """``cpu-sparse``'s pipeline with every conv but the first native and sparse."""
+    traced = trace(model)
+    assert not isinstance(traced, str)
+    fold_batchnorm(traced)
+    graph, _ = sparsify(traced, 0.5, NativeSparseMatrix, in_place=True)
+    assert isinstance(graph, fx.GraphModule)
+    fuse_residual(graph)
+    fuse_relu(graph)
+    if chain:
+        chain_convs(graph)
+    return graph
+
+
+def chains(graph: nn.Module) -> list[NativeChain]:
+    return [m for m in graph.modules() if isinstance(m, NativeChain)]
+
+
+def test_a_resnet_body_is_one_chain_equal_to_dense_on_every_call() -> None:
+    model = bottleneck_net()
+    graph = converted(copy.deepcopy(model), chain=False)
+    sparse_layers = sum(isinstance(m, SparseConv2d) for m in graph.modules())
+    assert chain_convs(graph) == sparse_layers == 19
+    [chain] = chains(graph)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        expected = model(x)
+        first, second, third = graph(x), graph(x), graph(x)
+    assert chain.bound_shapes() == [(1, 64, 16, 16)]  # bound on the first call
+    for out in (first, second, third):
+        assert relative_error(out, expected) <= EXACT
+    other = torch.randn(2, 3, 40, 48)
+    with torch.inference_mode():
+        assert relative_error(graph(other), model(other)) <= EXACT
+        assert relative_error(graph(other), model(other)) <= EXACT
+        assert relative_error(graph(x), expected) <= EXACT
+    assert sorted(chain.bound_shapes()) == [(1, 64, 16, 16), (2, 64, 10, 12)]
+
+
+def test_each_call_returns_a_new_tensor_and_no_layer_writes_what_it_reads() -> None:
+    """Same-sized 1x1 convs in a row: a buffer goes back to the pool only after its last
+    reader (a 1x1 conv reads its input in place, a kxk one a copy of it)."""
+    layers = [
+        nn.Conv2d(8, 8, 1),
+        nn.Conv2d(8, 8, 1),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.Conv2d(8, 8, 1),
+        nn.Conv2d(8, 8, 1),
+    ]
+    model = nn.Sequential(*layers).eval()
+    for index, layer in enumerate(layers):
+        sparsify_weight(layer, 0.7, index, "none")
+    graph = converted(model)
+    [chain] = chains(graph)
+    x, y = torch.randn(1, 8, 12, 12), torch.randn(1, 8, 12, 12)
+    with torch.inference_mode():
+        graph(x)
+        a, b = graph(x), graph(y)
+        assert a.data_ptr() != b.data_ptr()
+        assert relative_error(a, model(x)) <= EXACT and relative_error(b, model(y)) <= EXACT
+    assert chain.bound_shapes() == [(1, 8, 12, 12)]
+
+
+def test_hooked_layers_run_one_by_one_and_new_weights_rebind() -> None:
+    model = bottleneck_net()
+    graph = converted(copy.deepcopy(model))
+    [chain] = chains(graph)
+    x = torch.randn(1, 3, 32, 32)
+    seen: list[str] = []
+    layer = chain.layers[5]
+    handle = layer.register_forward_hook(lambda *_: seen.append("called"))
+    with torch.inference_mode():
+        expected = model(x)
+        for _ in range(2):
+            assert relative_error(graph(x), expected) <= EXACT
+    assert seen == ["called", "called"] and chain.bound_shapes() == []
+    handle.remove()
+    with torch.inference_mode():
+        graph(x)
+        assert relative_error(graph(x), expected) <= EXACT
+    assert seen == ["called", "called"] and chain.bound_shapes() == [(1, 64, 8, 8)]
+    kernel = layer.kernel
+    assert isinstance(kernel, NativeSparseMatrix)
+    kernel.values = kernel.values * 2  # another tensor: the binding is stale
+    with torch.inference_mode():
+        native = [graph(x) for _ in range(2)]
+        handle = layer.register_forward_hook(lambda *_: None)
+        one_by_one = graph(x)
+        handle.remove()
+    assert relative_error(native[0], expected) > 10 * EXACT  # the new weights count
+    for out in native:
+        assert relative_error(out, one_by_one) <= EXACT
+
+
+def test_copies_pickles_and_threads_get_the_same_results() -> None:
+    model = bottleneck_net()
+    graph = converted(copy.deepcopy(model))
+    inputs = [
+        torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(8)
+    ]
+    with torch.inference_mode():
+        expected = [model(x) for x in inputs]
+        graph(inputs[0])
+        clone = copy.deepcopy(graph)
+        buffer = io.BytesIO()
+        torch.save(graph, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        for other in (clone, loaded):
+            [chain] = chains(other)
+            assert chain.bound_shapes() == []  # bindings hold addresses: not copied
+            for _ in range(2):
+                assert relative_error(other(inputs[1]), expected[1]) <= EXACT
+
+    def run(index: int) -> float:
+        with torch.inference_mode():
+            return relative_error(graph(inputs[index % 8]), expected[index % 8])
+
+    with ThreadPoolExecutor(4) as pool:
+        assert max(pool.map(run, range(32))) <= EXACT
+
+
+def test_only_the_last_output_of_a_chain_leaves_it() -> None:
+    class TwoOutputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(4, 8, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            y = self.a(x)
+            return self.c(self.b(y)), y
+
+    model = TwoOutputs().eval()
+    for index, layer in enumerate((model.a, model.b, model.c)):
+        sparsify_weight(layer, 0.6, index, "none")
+    graph = converted(model, chain=False)
+    assert chain_convs(graph) == 2  # b and c: a's output is returned too
+    [chain] = chains(graph)
+    assert chain.layers == [graph.b, graph.c] and chain.arguments == [(CHAIN_INPUT,), (0,)]
+    x = torch.randn(2, 4, 6, 6)
+    with torch.inference_mode():
+        for _ in range(2):
+            for out, expected in zip(graph(x), model(x), strict=True):
+                assert relative_error(out, expected) <= EXACT
+
+
+def test_other_dtypes_run_one_by_one() -> None:
+    model = bottleneck_net()
+    graph = converted(copy.deepcopy(model)).double()
+    [chain] = chains(graph)
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with torch.inference_mode():
+        expected = model.double()(x)
+        for _ in range(2):
+            assert relative_error(graph(x), expected) <= EXACT
+    assert chain.bound_shapes() == []
+
+
+def test_a_chain_refuses_arguments_that_are_not_earlier_layers() -> None:
+    layer = SparseConv2d.from_dense(nn.Conv2d(2, 2, 1), NativeSparseMatrix)
+    with pytest.raises(ValueError, match=r"layer 1's inputs \(1,\) must be earlier layers"):
+        NativeChain([layer, layer], [(CHAIN_INPUT,), (1,)])
+    with pytest.raises(ValueError, match="2 layers for 1 argument lists"):
+        NativeChain([layer, layer], [(CHAIN_INPUT,)])
