@@ -154,4 +154,7 @@ class CpuSparse:
             fusion["residual_fused"] = fuse_residual(converted)
             fusion["relu_fused"] = fuse_relu(converted)
             fusion["chained"] = chain_convs(converted)
+            if fusion["chained"]:
+                with torch.inference_mode():  # binds the chains: every later call is native
+                    converted(*inputs)
         return converted, layers, fusion

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -313,3 +314,16 @@ def test_a_model_that_is_one_layer_becomes_the_sparse_layer() -> None:
     x = torch.randn(1, 3, 9, 9)
     with torch.no_grad():
         assert relative_error(converted(x), layer(x)) <= EXACT
+
+
+def test_prepare_binds_the_chains_on_the_real_input(tiny_model: Model) -> None:
+    """So that the harness's check against eager, its first call, already runs natively."""
+    from benchlib.sparse.chain import NativeChain
+
+    x = tiny_model.example_input(1)
+    converted, _, fusion = CpuSparse(threshold=1.0, timed=False)._convert(
+        copy.deepcopy(tiny_model.module).eval(), (x,)
+    )
+    [chain] = [m for m in converted.modules() if isinstance(m, NativeChain)]
+    assert fusion["chained"] == len(chain.layers) == 2
+    assert len(chain.bound_shapes()) == 1
