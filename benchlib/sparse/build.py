@@ -116,10 +116,10 @@ class PackedCall:
         """The argument array's address (what the function receives)."""
         return self._address
 
-    def copy(self, keep: tuple[Any, ...] = ()) -> PackedCall:
-        """The same call on a new array holding the current arguments, keeping this call's
-        tensors and ``keep`` alive: a caller that sets arguments of its own."""
-        return PackedCall(self._function, list(self._array), (*self.keep, *keep))
+    def copy(self) -> PackedCall:
+        """The same call on a new array holding the current arguments (and keeping the same
+        tensors alive): for a caller that sets arguments of its own."""
+        return PackedCall(self._function, list(self._array), self.keep)
 
 
 def cache_dir(environ: Mapping[str, str] | None = None, home: Path | None = None) -> Path:

@@ -135,12 +135,11 @@ class NativeChain(nn.Module):
         self.layers = list(layers)  # a plain list: not submodules a second time
         self.arguments = [tuple(refs) for refs in arguments]
         self._bindings: dict[tuple[int, ...], _Binding] = {}
-        self._unbindable: set[tuple[Any, ...]] = set()
 
     def __getstate__(self) -> dict[str, Any]:
         """For copy and pickle: without the bindings (addresses), rebound on first use."""
         state = self.__dict__.copy()
-        state["_bindings"], state["_unbindable"] = {}, set()
+        state["_bindings"] = {}
         return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,15 +165,12 @@ class NativeChain(nn.Module):
 
     def _bind(self, x: torch.Tensor, outputs: list[torch.Tensor]) -> None:
         """Bind the chain for ``x``'s shape, from a run's ``outputs``; where a layer has no
-        native plan for its input (or cannot add its residual) the chain stays unbound for
-        this shape."""
-        key = (tuple(x.shape), x.dtype, x.device)
-        if key in self._unbindable or not x.is_contiguous():
+        native plan for its input (or cannot add its residual) the chain stays unbound (and
+        tries again on the next call, which may find the layers changed)."""
+        if not x.is_contiguous():
             return
         bound = _bind(self.layers, self.arguments, x, outputs)
-        if bound is None:
-            self._unbindable.add(key)
-        else:
+        if bound is not None:
             self._bindings[tuple(x.shape)] = bound
 
 

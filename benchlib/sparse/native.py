@@ -48,7 +48,7 @@ GATHER_THREADS = 19
 _ROWS_X, _ROWS_BIAS, _ROWS_Y, _ROWS_RELU, _ROWS_THREADS = 6, 3, 9, 11, 12
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ColumnBlocks:
     """A matrix's columns in blocks of ``width`` (``NativeSparseMatrix.k_split``), for the
     gather form's ``ksplit``: the kernels then run the blocks outer over each column tile and

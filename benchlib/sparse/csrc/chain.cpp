@@ -14,10 +14,11 @@ int benchlib_conv_layout_packed(const int64_t* a);
 // status of a step, or 3 for an unknown kind (nothing after it runs).
 int benchlib_run_chain(const int64_t* steps, int64_t count) {
   for (int64_t s = 0; s < count; ++s) {
-    const int64_t* args = reinterpret_cast<const int64_t*>(static_cast<intptr_t>(steps[2 * s + 1]));
+    const int64_t kind = steps[2 * s];
+    const auto* args = reinterpret_cast<const int64_t*>(static_cast<intptr_t>(steps[2 * s + 1]));
     int status = 3;
-    if (steps[2 * s] == 0) status = benchlib_spmm_gather_packed(args);
-    if (steps[2 * s] == 1) status = benchlib_conv_layout_packed(args);
+    if (kind == 0) status = benchlib_spmm_gather_packed(args);
+    if (kind == 1) status = benchlib_conv_layout_packed(args);
     if (status) return status;
   }
   return 0;
