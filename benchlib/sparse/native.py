@@ -35,8 +35,9 @@ ROWS_PER_BLOCK = (1, 2, 4, 8)
 """Block heights the kernels are compiled for."""
 ROWS_MAX_BATCH = 2
 """A linear layer with at most this many input rows runs the rows kernel, more the gather form.
-Measured, 2048 -> 1000 at 90% sparsity, 2 threads (rows / gather / dense ``nn.Linear`` us):
-batch 1: 47 / 62 / 101, 2: 66 / 73 / 191, 3: 96 / 74 / 296, 8: 269 / 82 / 396."""
+Measured, 2048 -> 1000 at 90% sparsity, 2 threads (rows / gather / dense ``F.linear`` us):
+batch 1: 51 / 82 / 164, 2: 88 / 105 / 331, 3: 128 / 111 / 490, 8: 383 / 129 / 748; at 70%
+batch 2 is even (216 / 205), batch 3 not (318 / 219)."""
 
 
 # The arguments of a ``gather_call`` set per call: indices into ``benchlib_spmm_gather``'s.
