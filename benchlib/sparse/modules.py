@@ -291,8 +291,9 @@ KSPLIT_MIN_DENSITY_1X1 = 0.075
 """Below this fraction of stored entries a 1x1 conv runs in one block: at 95% sparsity the
 split measured no faster, or slower (2048 -> 512 @7x7, blocks of 512: 68 -> 71 us)."""
 L1_FLOATS = 8192
-"""The strip of the input that a column tile reads per channel block, at most: 32 KiB, in a
-48 KiB L1 with room for the partial sums."""
+"""The strip of the input that a column tile reads per channel block, at most: 32 KiB. On the
+Zen 3 EPYC (32 KiB L1d) half of it (4096) ran ResNet-50 magnitude:0.9 end to end in the same
+time (1.00x, in-process A/B), as did ``KSPLIT_MIN_ENTRIES`` 20 (32: 1.015x the time)."""
 L2_FLOATS = 65536
 """A kxk conv over one narrow tile (under 128 columns) runs in one block while its whole
 source (one image) fits in this many floats, 256 KiB, half of Zen 3's L2: then the blocks'
