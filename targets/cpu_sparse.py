@@ -7,10 +7,11 @@ and runs max pooling natively (``benchlib.sparse.fuse`` / ``pool``); (2) convert
 converted layer against its dense original on the input it really gets and keeps it sparse only
 where that is faster (``benchlib.sparse.tune``); (4) lets the sparse layers apply the ReLU that
 follows them; (5) runs each run of native sparse convs that only feed each other (a ResNet's
-body) as one native call from its second call on (``benchlib.sparse.chain``). ``info`` lists, per layer, what ran sparse, in which format and kernel, why
-(density, and both timings), and the weight bytes stored against dense; ``info["fusion"]``
-counts the fusions (a residual add folded into the pointwise conv before it, the layers
-chained, too), or says why the model was not traced.
+body) as one native call, bound here by one call on the real input (``benchlib.sparse.chain``).
+``info`` lists, per layer, what ran sparse, in which format and kernel, why (density, and both
+timings), and the weight bytes stored against dense; ``info["fusion"]`` counts the fusions (a
+residual add folded into the pointwise conv before it, the layers chained, too), or says why
+the model was not traced.
 
 The kernels are benchlib's own (``NativeSparseMatrix``: C++ built just in time, CSR and BSR
 Rx1, direct convolution without im2col); where they cannot build, PyTorch's sparse CSR / BSR
