@@ -29,6 +29,7 @@ from benchlib.sparse import (
     SparseLinear,
     TorchSparseMatrix,
     choose_kernel,
+    conv_matrix,
     load_library,
     sparsify,
 )
@@ -882,3 +883,14 @@ def test_a_narrow_kxk_conv_runs_in_blocks_only_when_its_source_outgrows_l2() -> 
     x = torch.randn(1, 512, 14, 14)
     with torch.no_grad():
         assert relative_error(sparse(x), conv(x)) <= EXACT
+
+
+def test_a_strided_kxk_conv_takes_blocks_of_fewer_entries() -> None:
+    """Its taps read twice the rows of a tile (``KSPLIT_MIN_ENTRIES_STRIDED``): at 90%
+    sparsity 16 channels of 3x3 (about 14 entries a row) where a stride-1 conv takes 32."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(128, 128, 3, 2, 1)
+    sparsify_weight(conv, 0.9, 0, "none")
+    kernel = NativeSparseMatrix(conv_matrix(conv.weight, 1))
+    assert column_block(kernel, 812, (3, 3), 10**6, strided=True) == 16 * 9
+    assert column_block(kernel, 812, (3, 3), 10**6) == 32 * 9

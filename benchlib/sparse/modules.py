@@ -287,6 +287,11 @@ a store of its partial sums. Measured, 2 threads (one block -> split, us): 1x1 2
 (128), at 90% 112 -> 107 (256), with blocks of 64 at 90% (about 13 entries): 129; 3x3 128 ->
 128 @28x28 at 90% 184 -> 150 (32), 3x3/2 128 -> 128 @56x56 at 50% 880 -> 703 (16); but 3x3
 512 -> 512 @7x7 (61 columns, one tile) at 50% 831 -> 875 (32)."""
+KSPLIT_MIN_ENTRIES_STRIDED = 12
+"""``KSPLIT_MIN_ENTRIES`` for a strided kxk conv, whose taps read twice the rows of a tile from
+its phase images: 3x3/2 128 -> 128 @56x56 at 90%, 2 threads, blocks of 16 channels 334 us
+against 375 with 32 (which 24 entries asks); 256 -> 256 @28x28 343 / 337, 512 -> 512 @14x14
+keeps 32 (L1 bound)."""
 KSPLIT_MIN_DENSITY_1X1 = 0.075
 """Below this fraction of stored entries a 1x1 conv runs in one block: at 95% sparsity the
 split measured no faster, or slower (2048 -> 512 @7x7, blocks of 512: 68 -> 71 us)."""
@@ -307,9 +312,11 @@ def column_block(
     columns: int,
     kernel_size: tuple[int, int],
     source_floats: int | None = None,
+    strided: bool = False,
 ) -> int | None:
     """The matrix columns per block (whole input channels) for a conv's direct form over
-    ``columns`` computed columns (``KSPLIT_MIN_ENTRIES``), or None where one block is best: the
+    ``columns`` computed columns (``KSPLIT_MIN_ENTRIES``, ``KSPLIT_MIN_ENTRIES_STRIDED`` for a
+    ``strided`` kxk conv), or None where one block is best: the
     input strip of a tile fits in L1 already, one block would span every channel, or a kxk
     conv has one narrow tile and a ``source_floats`` (one image's source) that fits in L2
     (``L2_FLOATS``; unknown counts as fitting). A channel's strip is ``kh`` input rows of a
@@ -331,7 +338,8 @@ def column_block(
     if taps == 1 and density < KSPLIT_MIN_DENSITY_1X1:
         return None
     width = max(1, 1 << max(0, (L1_FLOATS // strip).bit_length() - 1))  # channels
-    while width * taps * density < KSPLIT_MIN_ENTRIES and width < channels:
+    minimum = KSPLIT_MIN_ENTRIES_STRIDED if strided and taps > 1 else KSPLIT_MIN_ENTRIES
+    while width * taps * density < minimum and width < channels:
         width *= 2
     return None if width >= channels else width * taps
 
@@ -487,7 +495,13 @@ class SparseConv2d(nn.Module):
             layout, _ = self.layout(height, width)
             kernel: GatherKernel = self.kernel  # type: ignore[assignment]
             block = (
-                column_block(kernel, layout.columns, self.kernel_size, layout.floats)
+                column_block(
+                    kernel,
+                    layout.columns,
+                    self.kernel_size,
+                    layout.floats,
+                    strided=self.stride != (1, 1),
+                )
                 if self.groups == 1
                 else None
             )
