@@ -61,7 +61,7 @@ class ColumnBlocks:
     """int32 (blocks, block rows + 1): block row i's entries on block b are the block-major
     entries ``[bounds[b, i], bounds[b, i + 1])``."""
     order: torch.Tensor
-    """int64 (entries,): the row-major index of each block-major entry (``values[order]``,
+    """int32 (entries,): the row-major index of each block-major entry (``values[order]``,
     ``offsets[order]`` are what the kernels read)."""
 
     @property
@@ -311,7 +311,7 @@ class NativeSparseMatrix(nn.Module):
             or bounds.dim() != 2
             or bounds.shape[0] < 1
             or bounds.shape[1] != self.shape[0] // self.rows_per_block + 1
-            or order.dtype != torch.int64
+            or order.dtype != torch.int32
             or order.numel() != self.entries
         ):
             raise ValueError(
@@ -338,7 +338,7 @@ class NativeSparseMatrix(nn.Module):
             row = torch.repeat_interleave(torch.arange(block_rows), counts)
             block = self.col.long() // block_columns
             # block-major: by block, then row; within a row the columns stay sorted
-            order = torch.argsort(block * block_rows + row, stable=True)
+            order = torch.argsort(block * block_rows + row, stable=True).to(torch.int32)
             per_block_row = torch.zeros(blocks * block_rows, dtype=torch.int64)
             per_block_row.index_add_(0, block * block_rows + row, torch.ones_like(row))
             starts = torch.cat([per_block_row.new_zeros(1), per_block_row.cumsum(0)])
