@@ -34,8 +34,8 @@ from benchlib.sparse import (
     sparsify,
 )
 from benchlib.sparse.build import build, cache_dir, compiler
-from benchlib.sparse.modules import L2_FLOATS, column_block
 from benchlib.sparse.native import ColumnBlocks
+from benchlib.sparse.tiling import L2_FLOATS, column_block
 from benchlib.target import Precision
 from targets.cpu_sparse import CpuSparse
 from tests.test_sparse_modules import ConvCase, conv_cases, sparsify_weight
@@ -593,10 +593,10 @@ def test_a_much_reused_pointwise_input_is_copied_into_aligned_planes_by_avx512_k
     sparsify_weight(conv, 0.2, 0, "none")
     sparse = SparseConv2d.from_dense(conv, NativeSparseMatrix)
     assert sparse.reuse() >= 128
-    monkeypatch.setattr("benchlib.sparse.modules.ALIGN_ISAS", frozenset())
+    monkeypatch.setattr("benchlib.sparse.tiling.ALIGN_ISAS", frozenset())
     layout, _ = copy.deepcopy(sparse).layout(7, 7)
     assert (layout.plane, layout.in_place) == (49, True)  # AVX2: in place (aligned is slower)
-    monkeypatch.setattr("benchlib.sparse.modules.ALIGN_ISAS", frozenset({load_library().isa}))
+    monkeypatch.setattr("benchlib.sparse.tiling.ALIGN_ISAS", frozenset({load_library().isa}))
     layout, _ = sparse.layout(7, 7)
     assert (layout.plane, layout.in_place, layout.floats) == (64, False, 8 * 64)
     x = torch.randn(2, 8, 7, 7)
