@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -267,10 +268,7 @@ def chain_convs(graph_module: fx.GraphModule, min_layers: int = 2) -> int:
     outputs only the run reads (but the last's), by one ``NativeChain``; returns how many
     layers were chained."""
     nodes = list(graph_module.graph.nodes)
-    calls: dict[Any, int] = {}
-    for node in nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = Counter(n.target for n in nodes if n.op == "call_module")  # as fuse.py counts
     chained, index, count = 0, 0, 0
     while index < len(nodes):
         run = _run_from(graph_module, nodes, index, calls)
@@ -287,7 +285,7 @@ def chain_convs(graph_module: fx.GraphModule, min_layers: int = 2) -> int:
     return chained
 
 
-def _eligible(graph_module: fx.GraphModule, node: fx.Node, calls: dict[Any, int]) -> bool:
+def _eligible(graph_module: fx.GraphModule, node: fx.Node, calls: Counter[Any]) -> bool:
     if node.op != "call_module" or calls.get(node.target) != 1 or node.kwargs:
         return False
     layer = graph_module.get_submodule(str(node.target))
@@ -297,7 +295,7 @@ def _eligible(graph_module: fx.GraphModule, node: fx.Node, calls: dict[Any, int]
 
 
 def _run_from(
-    graph_module: fx.GraphModule, nodes: list[fx.Node], start: int, calls: dict[Any, int]
+    graph_module: fx.GraphModule, nodes: list[fx.Node], start: int, calls: Counter[Any]
 ) -> list[fx.Node]:
     """The longest valid run starting at ``nodes[start]`` (empty when none)."""
     if not _eligible(graph_module, nodes[start], calls):
