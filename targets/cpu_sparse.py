@@ -37,7 +37,7 @@ from benchlib.sparse import (
     totals,
 )
 from benchlib.sparse.chain import chain_convs
-from benchlib.sparse.fuse import fold_batchnorm, fuse_relu, fuse_residual, trace
+from benchlib.sparse.fuse import epilogues, fold_batchnorm, fuse_relu, fuse_residual, trace
 from benchlib.sparse.pool import replace_max_pools
 from benchlib.sparse.tune import keep_faster
 from benchlib.target import DeviceKind, Precision, Prepared
@@ -150,7 +150,10 @@ class CpuSparse:
         dense = dict(model.named_modules())
         converted, layers = sparsify(model, self.threshold, in_place=True)
         if self.timed:
-            layers = keep_faster(converted, layers, dense, inputs)
+            fused = (
+                epilogues(converted) if self.fuse and isinstance(converted, fx.GraphModule) else {}
+            )
+            layers = keep_faster(converted, layers, dense, inputs, epilogues=fused)
         if self.fuse and isinstance(converted, fx.GraphModule):
             fusion["residual_fused"] = fuse_residual(converted)
             fusion["relu_fused"] = fuse_relu(converted)

@@ -23,6 +23,7 @@ from benchlib.pruning.masks import block_masks
 from benchlib.sparse import (
     ConvLayout,
     GatherKernel,
+    LayerReport,
     NativeSparseMatrix,
     NativeUnavailable,
     SparseConv2d,
@@ -521,6 +522,52 @@ def test_native_max_pool_equals_torch_nan_included(
     doubled = native(x.double())  # not fp32: F.max_pool2d
     assert torch.equal(doubled.nan_to_num(0.0), pool(x.double()).nan_to_num(0.0))
     assert NativeMaxPool2d.from_module(nn.MaxPool2d(2, ceil_mode=True)) is None
+    native.relu = True  # the pool of relu(x), natively and by F.max_pool2d
+    for operand in (x, x.double()):
+        fused, reference = native(operand), pool(torch.relu(operand))
+        assert torch.equal(fused.isnan(), reference.isnan())
+        assert torch.equal(fused.nan_to_num(0.0), reference.nan_to_num(0.0))
+        assert fused.nan_to_num(0.0).min() >= 0
+
+
+class Stem(nn.Module):
+    """A dense conv, its ReLU, a max pool (ResNet's stem); ``leak`` also returns the conv's
+    output, which an in-place ReLU would change."""
+
+    def __init__(self, leak: bool = False) -> None:
+        super().__init__()
+        self.conv, self.relu = nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.leak = leak
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        y = self.conv(x)
+        pooled = self.pool(self.relu(y))
+        return (pooled, y) if self.leak else pooled
+
+
+@pytest.mark.parametrize("leak", [False, True])
+def test_relu_before_a_native_pool_moves_into_it(leak: bool) -> None:
+    from benchlib.sparse.fuse import fuse_relu, trace
+    from benchlib.sparse.pool import replace_max_pools
+
+    torch.manual_seed(0)
+    model = Stem(leak).eval()
+    x = torch.randn(2, 3, 17, 16)
+    with torch.no_grad():
+        expected = model(x)
+    traced = trace(model)
+    assert not isinstance(traced, str)
+    assert replace_max_pools(traced) == 1
+    assert fuse_relu(traced) == (0 if leak else 1)  # leaked: the ReLU's input has two users
+    assert traced.get_submodule("pool").relu is not leak
+    assert any(n.target == "relu" for n in traced.graph.nodes) is leak
+    with torch.no_grad():
+        actual = traced(x)
+    for got, want in zip(
+        actual if leak else [actual], expected if leak else [expected], strict=True
+    ):
+        assert torch.equal(got, want)
 
 
 def test_keep_faster_swaps_back_what_is_not_faster() -> None:
@@ -564,6 +611,85 @@ def test_keep_faster_swaps_back_what_is_not_faster() -> None:
     assert shapes == {"0": (1, 4, 8, 8), "2": (1, 8, 6, 6), "4": (1, 288)}
     with torch.no_grad():
         assert relative_error(converted(x), expected) <= EXACT
+
+
+class Residual(nn.Module):
+    """conv1 -> ReLU -> conv2, plus the input, -> ReLU -> conv3 (nothing to fold after it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(4, 8, 1), nn.Conv2d(8, 4, 1)
+        self.conv3 = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv2(torch.relu(self.conv1(x)))
+        out += x
+        return self.conv3(F.relu(out))
+
+
+def _converted_residual() -> tuple[nn.Module, torch.fx.GraphModule, list[LayerReport]]:
+    from benchlib.sparse.fuse import trace
+
+    torch.manual_seed(0)
+    model = Residual().eval()
+    for conv in (model.conv1, model.conv2, model.conv3):
+        sparsify_weight(conv, 0.8, 0, "none")
+    traced = trace(model)
+    assert not isinstance(traced, str)
+    converted, reports = sparsify(traced, 1.0, NativeSparseMatrix, in_place=True)
+    assert isinstance(converted, torch.fx.GraphModule)
+    return model, converted, reports
+
+
+def test_epilogues_predict_what_the_fusions_fold() -> None:
+    from benchlib.sparse.fuse import Epilogue, epilogues, fuse_relu, fuse_residual
+
+    model, converted, _ = _converted_residual()
+    predicted = epilogues(converted)
+    assert predicted == {"conv1": Epilogue(relu=True), "conv2": Epilogue(residual=True, relu=True)}
+    assert str(predicted["conv2"]) == "add and ReLU" and not Epilogue()
+    assert fuse_residual(converted) == 1 and fuse_relu(converted) == 2
+    for name in ("conv1", "conv2", "conv3"):
+        layer = converted.get_submodule(name)
+        node = next(n for n in converted.graph.nodes if n.target == name)
+        assert layer.relu is predicted.get(name, Epilogue()).relu
+        assert (len(node.args) == 2) is predicted.get(name, Epilogue()).residual
+    x = torch.randn(2, 4, 6, 5)
+    with torch.no_grad():
+        assert relative_error(converted(x), model(x)) <= EXACT
+
+
+def test_keep_faster_times_both_sides_with_the_epilogue_and_close_calls_twice() -> None:
+    from benchlib.sparse.fuse import Epilogue, epilogues
+    from benchlib.sparse.tune import keep_faster
+
+    model, converted, reports = _converted_residual()
+    dense = dict(model.named_modules())
+    predicted = epilogues(converted)
+    # sparse / dense seconds: conv1 a close call (timed twice), conv2 and conv3 clear
+    clock = {"conv1": (1.0, 1.05), "conv2": (0.5, 1.0), "conv3": (1.0, 0.5)}
+    calls: dict[str, int] = {}
+
+    def compare(sparse: nn.Module, dense_side: nn.Module, x: torch.Tensor) -> tuple[float, float]:
+        layer = getattr(sparse, "layer", sparse)
+        name = next(n for n, m in converted.named_children() if m is layer)
+        calls[name] = calls.get(name, 0) + 1
+        with torch.no_grad():  # both sides compute the same: the layer and what follows it
+            fused, unfused = sparse(x), dense_side(x)
+        assert relative_error(fused, unfused) <= EXACT
+        assert layer.relu is predicted.get(name, Epilogue()).relu
+        if predicted.get(name):
+            assert fused.min() >= 0  # the ReLU is applied on both sides
+        return clock[name]
+
+    updated = keep_faster(converted, reports, dense, (torch.randn(1, 4, 6, 5),), compare, predicted)
+    assert calls == {"conv1": 2, "conv2": 1, "conv3": 1}
+    assert [r.sparse for r in updated] == [True, True, False]
+    assert updated[0].reason.endswith(
+        "; native-csr 1e+03 ms vs dense 1.05e+03 ms on (1, 4, 6, 5), each with the ReLU after"
+    )
+    assert "each with the add and ReLU after" in updated[1].reason
+    assert not converted.get_submodule("conv1").relu  # set only while timed
 
 
 def test_the_layers_are_timed_in_alternating_blocks() -> None:

@@ -194,7 +194,7 @@ SIGNATURES = {
     "benchlib_spmm_gather": "pppp ii p iiiii p ii n p p i n",
     "benchlib_spmm_rows": "pppp ii p ii p i n n",
     "benchlib_conv_layout": "p iiii p iiiiiiii p n",
-    "benchlib_max_pool2d": "p iii p iiiiiiiiii n",
+    "benchlib_max_pool2d": "p iii p iiiiiiiiii n n",
     "benchlib_spmm_gather_packed": "p",
     "benchlib_spmm_rows_packed": "p",
     "benchlib_conv_layout_packed": "p",

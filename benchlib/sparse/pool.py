@@ -7,6 +7,11 @@ both conversions) and about 0.05 ms here (separable: the vertical max of each ou
 window rows, vectorized, then the horizontal max; planes split over torch's threads). Same
 values as torch, NaN included (a NaN in the window wins). Inputs other than contiguous-able
 fp32 NCHW on the CPU, ``ceil_mode`` and ``return_indices`` are left to ``F.max_pool2d``.
+
+With ``relu`` set (``fuse.fuse_relu`` sets it for the ReLU before the pool, ResNet's stem) the
+pool returns ``relu(max_pool2d(x))``, which equals ``max_pool2d(relu(x))`` (NaN included): the
+ReLU then costs a compare per output instead of a pass over the pool's input, four times its
+size for a 3x3/2 pool.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class NativeMaxPool2d(nn.Module):
         super().__init__()
         self.kernel_size, self.stride = kernel_size, stride
         self.padding, self.dilation = padding, dilation
+        self.relu = False
 
     @classmethod
     def from_module(cls, pool: nn.MaxPool2d) -> NativeMaxPool2d | None:
@@ -55,7 +61,7 @@ class NativeMaxPool2d(nn.Module):
             or x.dtype != torch.float32
             or x.device.type != "cpu"
         ):
-            return F.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation)
+            return self._torch(x)
         n, c, h, w = x.shape
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
             self.kernel_size, self.stride, self.padding, self.dilation,
@@ -63,20 +69,25 @@ class NativeMaxPool2d(nn.Module):
         out_h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
         out_w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         if out_h < 1 or out_w < 1 or 2 * ph > kh or 2 * pw > kw:  # torch's own errors
-            return F.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation)
+            return self._torch(x)
         x = x.contiguous()
         out = x.new_empty(n, c, out_h, out_w)
         if out.numel():
             loaded.max_pool2d(
                 x.data_ptr(), n * c, h, w, out.data_ptr(), out_h, out_w, kh, kw, sh, sw, ph, pw,
-                dh, dw, torch.get_num_threads(),
+                dh, dw, int(self.relu), torch.get_num_threads(),
             )  # fmt: skip
         return out
+
+    def _torch(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` by ``F.max_pool2d`` (then the ReLU, when set)."""
+        out = F.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation)
+        return out.relu_() if self.relu else out
 
     def extra_repr(self) -> str:
         return (
             f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
-            f"dilation={self.dilation}"
+            f"dilation={self.dilation}" + (", relu=True" if self.relu else "")
         )
 
 
