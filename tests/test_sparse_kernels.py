@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import ctypes
 import io
 import stat
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from unittest import mock
@@ -568,6 +570,53 @@ def test_relu_before_a_native_pool_moves_into_it(leak: bool) -> None:
         actual if leak else [actual], expected if leak else [expected], strict=True
     ):
         assert torch.equal(got, want)
+
+
+def _split_weights(library_path: Path) -> Callable[[list[float] | None], list[float]]:
+    """``benchlib_split_weights`` of the loaded library: sets the row split's two thread
+    weights when given, returns them as they were."""
+    function = ctypes.CDLL(str(library_path)).benchlib_split_weights
+    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+
+    def weights(new: list[float] | None) -> list[float]:
+        read = (ctypes.c_float * 2)()
+        write = None if new is None else (ctypes.c_float * 2)(*new)
+        function(write, read, 2)
+        return list(read)
+
+    return weights
+
+
+@pytest.mark.parametrize("weights", [[8.0, 1.0], [1.0, 8.0], [1e-3, 1.0], [1.0, 1e-3]])
+def test_the_row_split_follows_the_thread_weights_and_learns_them(weights: list[float]) -> None:
+    """A 1x1 conv over one column tile splits its rows between the threads by their learned
+    weights: any weights give the dense result (no row skipped, even a share of no rows), and
+    a call moves the weights toward the measured rates (a quarter of the way, the goal within
+    [1/2, 2])."""
+    loaded = load_library()
+    assert not isinstance(loaded, NativeUnavailable)
+    split_weights = _split_weights(loaded.path)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(256, 512, 1)
+    sparsify_weight(conv, 0.7, 0, "none")
+    layer = SparseConv2d.from_dense(conv, NativeSparseMatrix)
+    x = torch.randn(1, 256, 7, 7)
+    threads = torch.get_num_threads()
+    saved = split_weights(None)
+    try:
+        torch.set_num_threads(2)
+        with torch.no_grad():
+            expected = conv(x)
+            for _ in range(3):
+                split_weights(weights)
+                assert relative_error(layer(x), expected) <= EXACT
+                learned = split_weights(None)
+                if min(weights) >= 1.0:  # both threads had rows: both rates measured
+                    heavy = weights.index(8.0)
+                    assert 6.125 <= learned[heavy] <= 6.5
+    finally:
+        torch.set_num_threads(threads)
+        split_weights(saved)
 
 
 def test_keep_faster_swaps_back_what_is_not_faster() -> None:

@@ -15,8 +15,8 @@
 // registers while the entries of one block row stream past (one broadcast of the weight, NV
 // loads, NV * R FMAs per entry), tiles outer and rows inner so the tile's strip of X stays in
 // cache for all the rows. Threads claim the column tiles (guided, see run_gather) or split
-// the block rows into ranges of equal work (entries plus a per-row cost), on the OpenMP
-// runtime torch itself uses. Plain IEEE arithmetic, no fast-math: only the order of the sums
+// the block rows into ranges of work (entries plus a per-row cost) in proportion to their
+// learned speeds, on the OpenMP runtime torch itself uses. Plain IEEE arithmetic, no fast-math: only the order of the sums
 // differs from a dense product.
 //
 // Column blocks (ksplit, optional): W's columns (its input channels) in blocks, outer over a
@@ -33,6 +33,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <vector>
 
@@ -311,22 +312,28 @@ void block_rows(const Problem& p, int64_t i0, int64_t i1, int64_t u0, int64_t u1
   }
 }
 
-// The first block row of thread t's share when `parts` threads split the block rows into
-// ranges of equal cost (entries + kRowCost per row); rowptr is nondecreasing, so is the cost.
-int64_t split(const int32_t* rowptr, int64_t rows, int64_t t, int64_t parts) {
-  if (t <= 0) return 0;
-  if (t >= parts) return rows;
-  const int64_t total = rowptr[rows] + kRowCost * rows;
-  const int64_t goal = total * t / parts;
+// The cost of the block rows [0, i): entries + kRowCost per row.
+inline int64_t row_cost(const int32_t* rowptr, int64_t i) { return rowptr[i] + kRowCost * i; }
+
+// The first block row at or after `goal` of the cost (nondecreasing, as rowptr is).
+int64_t first_row_at(const int32_t* rowptr, int64_t rows, int64_t goal) {
   int64_t lo = 0, hi = rows;  // first i with cost(i) >= goal
   while (lo < hi) {
     const int64_t mid = (lo + hi) / 2;
-    if (rowptr[mid] + kRowCost * mid < goal)
+    if (row_cost(rowptr, mid) < goal)
       lo = mid + 1;
     else
       hi = mid;
   }
   return lo;
+}
+
+// The first block row of thread t's share when `parts` threads split the block rows into
+// ranges of equal cost (entries + kRowCost per row); rowptr is nondecreasing, so is the cost.
+int64_t split(const int32_t* rowptr, int64_t rows, int64_t t, int64_t parts) {
+  if (t <= 0) return 0;
+  if (t >= parts) return rows;
+  return first_row_at(rowptr, rows, row_cost(rowptr, rows) * t / parts);
 }
 
 // Runs body(t, begin, end) over pieces [0, pieces) on `threads` threads (t in [0, threads):
@@ -350,11 +357,55 @@ void guided(int64_t pieces, int threads, const Body& body) {
   });
 }
 
+// The row split's shares follow the threads' speeds, learned from their last calls: on a
+// shared VM one vCPU at times runs slower than the other for seconds (another tenant's load),
+// and equal shares then wait for the slow one. Measured on the AVX2 EPYC, 2 threads, equal
+// shares: ResNet-50's 1x1 convs at 14x14 and 7x7 kept thread 0 busy 1.25-1.33x as long as
+// thread 1 in one such phase; over windows of 40 inferences of ResNet-50 magnitude:0.9, its
+// 28 row-split calls (8-10 ms of about 25) kept thread 0 busy 1.00x, 1.21x and 1.37x as long.
+// Learned shares ran end to end in 0.987x and 0.993x the time of equal ones (in-process A/B,
+// 60 alternating rounds each). After each call, each thread's weight moves a quarter of the
+// way to its rate (cost / busy seconds) over the mean rate, clamped to [1/2, 2]; the next call
+// gives each thread a share of the cost in proportion to its weight. One table for the
+// process: the speeds are the vCPUs', not a layer's; a race between two concurrent calls only
+// blurs the estimate, and the results never depend on the split (each row is computed whole
+// by one thread).
+constexpr int kMaxWeighted = 64;  // threads beyond this split equally
+std::atomic<float> g_weight[kMaxWeighted];  // 0: never measured, counts as 1
+
+float weight_of(int t) {
+  const float w = g_weight[t].load(std::memory_order_relaxed);
+  return w > 0.0f ? w : 1.0f;
+}
+
+// Per thread of one row-split call: its first row, and what it did.
+struct Share {
+  int64_t begin = 0, end = 0, cost = 0;
+  double seconds = 0.0;
+};
+
+void learn_weights(const Share* shares, int parts) {
+  double rates[kMaxWeighted], mean = 0.0;
+  int measured = 0;
+  for (int t = 0; t < parts; ++t) {
+    rates[t] = shares[t].cost > 0 && shares[t].seconds > 0 ? shares[t].cost / shares[t].seconds : 0;
+    if (rates[t] > 0) mean += rates[t], ++measured;
+  }
+  if (measured < 2) return;
+  mean /= measured;
+  for (int t = 0; t < parts; ++t) {
+    if (rates[t] <= 0) continue;
+    const float goal = std::min(2.0f, std::max(0.5f, static_cast<float>(rates[t] / mean)));
+    const float w = 0.75f * weight_of(t) + 0.25f * goal;
+    g_weight[t].store(w, std::memory_order_relaxed);
+  }
+}
+
 // Threads claim the column tiles when there are many (each thread then reads only its part of
 // X; guided: 1.0-1.17x the speed of equal static shares on the 56x56 and 28x28 layers), else
-// split the block rows by equal work, statically (each reads all of X, so every extra claim
-// reads it again: row chunks claimed guided measured 0.98x end to end). Tiny products run on
-// one thread.
+// split the block rows by cost in proportion to the threads' learned speeds, statically (each
+// reads all of X, so every extra claim reads it again: row chunks claimed guided measured
+// 0.98x end to end). Tiny products run on one thread.
 template <int R>
 void run_gather(const Problem& p, int threads) {
   constexpr int64_t TW = max_nv<R>() * V::W;
@@ -368,12 +419,37 @@ void run_gather(const Problem& p, int threads) {
     });
     return;
   }
+  double before[kMaxWeighted + 1] = {0.0};  // cumulative weights, the same for every thread
+  for (int t = 0; t < kMaxWeighted; ++t) before[t + 1] = before[t] + weight_of(t);
+  Share shares[kMaxWeighted];
+  int team = 1;
   parallel_rows(p.block_rows, threads, [&](int64_t t, int64_t parts) {
-    const int64_t i0 = split(p.rowptr, p.block_rows, t, parts);
-    const int64_t i1 = split(p.rowptr, p.block_rows, t + 1, parts);
+    int64_t i0 = split(p.rowptr, p.block_rows, t, parts);
+    int64_t i1 = split(p.rowptr, p.block_rows, t + 1, parts);
+    const bool weighted = parts > 1 && parts <= kMaxWeighted;
+    if (weighted) {  // thread u's share of the cost: weight u / all the weights
+      const double total = static_cast<double>(row_cost(p.rowptr, p.block_rows));
+      const auto at = [&](int64_t u) {
+        if (u <= 0) return int64_t{0};
+        if (u >= parts) return p.block_rows;
+        const double goal = total * (before[u] / before[parts]);
+        return first_row_at(p.rowptr, p.block_rows, static_cast<int64_t>(goal));
+      };
+      i0 = at(t), i1 = at(t + 1);
+    }
+    const auto start = std::chrono::steady_clock::now();
     std::vector<float> buffer;
     if (i0 < i1) block_rows<R>(p, i0, i1, 0, units, buffer);
+    if (weighted) {
+      Share& share = shares[t];
+      share.begin = i0, share.end = i1;
+      share.cost = row_cost(p.rowptr, i1) - row_cost(p.rowptr, i0);
+      share.seconds =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      if (t == 0) team = static_cast<int>(parts);
+    }
   });
+  if (team > 1) learn_weights(shares, team);
 }
 
 // Small batch, X row-major: four partial sums per (row, image) over the entries; for R = 1
@@ -493,6 +569,18 @@ extern "C" {
 
 // The instruction set the kernels were compiled for: "avx512", "avx2" or "generic".
 const char* benchlib_spmm_isa() { return kIsa; }
+
+// The row split's learned thread weights (see run_gather): the first n (at most 64) are
+// copied to `read` when it is not null, then set from `write` when it is not null (a
+// weight <= 0 resets that thread to 1). For tests and diagnostics; returns n, clamped.
+int benchlib_split_weights(const float* write, float* read, int n) {
+  n = std::max(0, std::min(n, kMaxWeighted));
+  for (int t = 0; t < n; ++t) {
+    if (read) read[t] = weight_of(t);
+    if (write) g_weight[t].store(write[t] > 0.0f ? write[t] : 0.0f, std::memory_order_relaxed);
+  }
+  return n;
+}
 
 // Gather form (see the top of this file). y must hold images * y_image floats; for every
 // entry, off + n - 1 must lie inside X's image (the caller checks). A residual (laid out as y;
