@@ -363,9 +363,10 @@ void guided(int64_t pieces, int threads, const Body& body) {
 // shares: ResNet-50's 1x1 convs at 14x14 and 7x7 kept thread 0 busy 1.25-1.33x as long as
 // thread 1 in one such phase; over windows of 40 inferences of ResNet-50 magnitude:0.9, its
 // 28 row-split calls (8-10 ms of about 25) kept thread 0 busy 1.00x, 1.21x and 1.37x as long.
-// Learned shares ran end to end in 0.987x and 0.993x the time of equal ones (in-process A/B,
-// 60 alternating rounds each). After each call, each thread's weight moves a quarter of the
-// way to its rate (cost / busy seconds) over the mean rate, clamped to [1/2, 2]; the next call
+// Learned shares ran end to end in 0.993x the time of equal ones (in-process A/B, 60
+// alternating rounds; 0.987x with half steps and goals clamped to [1/4, 4], which one noisy
+// call moves further). After each call, each thread's weight moves a quarter of the way to its
+// rate (cost / busy seconds) over the mean rate, clamped to [1/2, 2]; the next call
 // gives each thread a share of the cost in proportion to its weight. One table for the
 // process: the speeds are the vCPUs', not a layer's; a race between two concurrent calls only
 // blurs the estimate, and the results never depend on the split (each row is computed whole
