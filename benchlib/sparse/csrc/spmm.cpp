@@ -16,8 +16,8 @@
 // loads, NV * R FMAs per entry), tiles outer and rows inner so the tile's strip of X stays in
 // cache for all the rows. Threads claim the column tiles (guided, see run_gather) or split
 // the block rows into ranges of work (entries plus a per-row cost) in proportion to their
-// learned speeds, on the OpenMP runtime torch itself uses. Plain IEEE arithmetic, no fast-math: only the order of the sums
-// differs from a dense product.
+// learned speeds, on the OpenMP runtime torch itself uses. Plain IEEE arithmetic, no
+// fast-math: only the order of the sums differs from a dense product.
 //
 // Column blocks (ksplit, optional): W's columns (its input channels) in blocks, outer over a
 // tile, so that the strip of X one block reads stays in L1 for all the rows; the partial sums
@@ -379,17 +379,21 @@ float weight_of(int t) {
   return w > 0.0f ? w : 1.0f;
 }
 
-// Per thread of one row-split call: its first row, and what it did.
+// What one thread did in one row-split call: the cost of its rows, in how many seconds.
 struct Share {
-  int64_t begin = 0, end = 0, cost = 0;
+  int64_t cost = 0;
   double seconds = 0.0;
 };
+
+// Moves each thread's weight a quarter of the way to its rate over the mean rate (clamped to
+// [1/2, 2]); needs two threads that did some work.
 
 void learn_weights(const Share* shares, int parts) {
   double rates[kMaxWeighted], mean = 0.0;
   int measured = 0;
   for (int t = 0; t < parts; ++t) {
-    rates[t] = shares[t].cost > 0 && shares[t].seconds > 0 ? shares[t].cost / shares[t].seconds : 0;
+    const Share& share = shares[t];
+    rates[t] = share.cost > 0 && share.seconds > 0 ? share.cost / share.seconds : 0.0;
     if (rates[t] > 0) mean += rates[t], ++measured;
   }
   if (measured < 2) return;
@@ -443,7 +447,6 @@ void run_gather(const Problem& p, int threads) {
     if (i0 < i1) block_rows<R>(p, i0, i1, 0, units, buffer);
     if (weighted) {
       Share& share = shares[t];
-      share.begin = i0, share.end = i1;
       share.cost = row_cost(p.rowptr, i1) - row_cost(p.rowptr, i0);
       share.seconds =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
