@@ -467,6 +467,17 @@ class Block(nn.Module):
         return torch.relu(self.shared(self.shared(x)))
 
 
+def _traced(model: nn.Module, x: torch.Tensor) -> tuple[torch.fx.GraphModule, torch.Tensor]:
+    """``model`` traced by ``fuse.trace``, and its output on ``x`` (computed first)."""
+    from benchlib.sparse.fuse import trace
+
+    with torch.no_grad():
+        expected = model(x)
+    traced = trace(model)
+    assert not isinstance(traced, str)
+    return traced, expected
+
+
 def test_batchnorm_folds_and_relus_fuse_exactly() -> None:
     from benchlib.sparse.fuse import fold_batchnorm, fuse_relu, trace
     from benchlib.sparse.pool import NativeMaxPool2d, replace_max_pools
@@ -481,10 +492,7 @@ def test_batchnorm_folds_and_relus_fuse_exactly() -> None:
     for conv in (model.conv1, model.conv2, model.shared):
         sparsify_weight(conv, 0.7, 0, "none")
     x = torch.randn(2, 4, 9, 10)
-    with torch.no_grad():
-        expected = model(x)
-    traced = trace(model)
-    assert not isinstance(traced, str)
+    traced, expected = _traced(model, x)
     assert fold_batchnorm(traced) == 2
     assert replace_max_pools(traced) == 1
     assert isinstance(traced.get_submodule("pool"), NativeMaxPool2d)
@@ -550,16 +558,13 @@ class Stem(nn.Module):
 
 @pytest.mark.parametrize("leak", [False, True])
 def test_relu_before_a_native_pool_moves_into_it(leak: bool) -> None:
-    from benchlib.sparse.fuse import fuse_relu, trace
+    from benchlib.sparse.fuse import fuse_relu
     from benchlib.sparse.pool import replace_max_pools
 
     torch.manual_seed(0)
     model = Stem(leak).eval()
     x = torch.randn(2, 3, 17, 16)
-    with torch.no_grad():
-        expected = model(x)
-    traced = trace(model)
-    assert not isinstance(traced, str)
+    traced, expected = _traced(model, x)
     assert replace_max_pools(traced) == 1
     assert fuse_relu(traced) == (0 if leak else 1)  # leaked: the ReLU's input has two users
     assert traced.get_submodule("pool").relu is not leak
