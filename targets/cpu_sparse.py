@@ -9,7 +9,10 @@ where that is faster (``benchlib.sparse.tune``); (4) lets the sparse layers appl
 follows them; (5) runs each run of native sparse convs that only feed each other (a ResNet's
 body) as one native call, bound here by one call on the real input (``benchlib.sparse.chain``).
 ``info`` lists, per layer, what ran sparse, in which format and kernel, why (density, and both
-timings), and the weight bytes stored against dense; ``info["fusion"]`` counts the fusions (a
+timings), and the weight bytes stored against dense, with ``weight_bytes_plans`` the bytes the
+layers' native plans hold beside them (entry offsets, and block-major copies of the entries
+of column-blocked convs; the plans are built in ``prepare``, by one call on the real input);
+``info["fusion"]`` counts the fusions (a
 residual add folded into the pointwise conv before it, the layers chained, too), or says why
 the model was not traced.
 
@@ -38,6 +41,7 @@ from benchlib.sparse import (
 )
 from benchlib.sparse.chain import chain_convs
 from benchlib.sparse.fuse import epilogues, fold_batchnorm, fuse_relu, fuse_residual, trace
+from benchlib.sparse.modules import SparseConv2d
 from benchlib.sparse.pool import replace_max_pools
 from benchlib.sparse.tune import keep_faster
 from benchlib.target import DeviceKind, Precision, Prepared
@@ -124,6 +128,9 @@ class CpuSparse:
             "threads": torch.get_num_threads(),
             "layers": [layer.to_dict() for layer in layers],
             "convert_s": convert_s,
+            "weight_bytes_plans": sum(
+                m.plan_bytes() for m in converted.modules() if isinstance(m, SparseConv2d)
+            ),
         }
         return Prepared(run=run, synchronize=synchronizer(device), rebind=current.rebind, info=info)
 
@@ -158,7 +165,6 @@ class CpuSparse:
             fusion["residual_fused"] = fuse_residual(converted)
             fusion["relu_fused"] = fuse_relu(converted)
             fusion["chained"] = chain_convs(converted)
-            if fusion["chained"]:
-                with torch.inference_mode():  # binds the chains: every later call is native
-                    converted(*inputs)
+        with torch.inference_mode():  # builds the layers' plans and binds the chains
+            converted(*inputs)
         return converted, layers, fusion

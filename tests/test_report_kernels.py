@@ -6,6 +6,7 @@ from typing import Any
 
 from benchlib.report.console import cell_views, render_report
 from benchlib.report.kernels import fusion_text, kernels_grid, kernels_text
+from benchlib.report.markdown import grid_markdown
 from benchlib.results import CellRecord
 from tests.test_report_console import render, run_cell
 
@@ -34,9 +35,10 @@ def sparse_cells() -> list[CellRecord]:
         "fusion": {"skipped": "not traceable by torch.fx: TraceError: loop"},
     }
     all_dense = {**CPU_SPARSE_INFO, "sparse_layers": 0, "dense_layers": 21, "kernels": []}
+    planned = {**CPU_SPARSE_INFO, "weight_bytes_plans": 23_488_102}  # the plans' own copies
     return [
         with_info(dense, all_dense),
-        with_info(run_cell("magnitude:0.9", "cpu-sparse", 1, 0.0065), CPU_SPARSE_INFO),
+        with_info(run_cell("magnitude:0.9", "cpu-sparse", 1, 0.0065), planned),
         with_info(run_cell("l1:0.5", "cpu-sparse", 1, 0.0052), fallback),
         run_cell("dense", "torch-eager", 1, 0.0175),  # a dense target: no row
         with_info(
@@ -60,7 +62,8 @@ def test_grid_has_a_row_per_sparse_target_cell_with_counts_kernels_weights_fusio
         ["dense", "1", "cpu-sparse", "0 / 21", "none (every layer dense)", "10.5 / 44.6",
          "20 BN folded, 3 adds fused, 11 ReLU fused, 1 native max pool"],
         ["magnitude:0.9", "1", "cpu-sparse", "19 / 21", "native-bsr-4x1, native-csr (avx2)",
-         "10.5 / 44.6", "20 BN folded, 3 adds fused, 11 ReLU fused, 1 native max pool"],
+         "10.5 / 44.6\n+22.4 plans",
+         "20 BN folded, 3 adds fused, 11 ReLU fused, 1 native max pool"],
         ["l1:0.5", "1", "cpu-sparse", "19 / 21",
          "torch-csr; native kernels unavailable: no C++ compiler found", "10.5 / 44.6",
          "not traced: not traceable by torch.fx: TraceError: loop"],
@@ -84,3 +87,10 @@ def test_console_report_prints_the_grid() -> None:
     text = render(render_report(cell_views(sparse_cells())))
     assert "resnet18: what ran sparse" in text
     assert "native-bsr-4x1," in text and "19 / 21" in text
+    assert "+22.4 plans" in text
+
+
+def test_markdown_puts_the_plans_on_the_weights_line() -> None:
+    grid = kernels_grid(cell_views(sparse_cells()))
+    assert grid is not None
+    assert "| 10.5 / 44.6, +22.4 plans |" in grid_markdown(grid)

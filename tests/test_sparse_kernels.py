@@ -577,6 +577,29 @@ def test_relu_before_a_native_pool_moves_into_it(leak: bool) -> None:
         assert torch.equal(got, want)
 
 
+def test_plan_bytes_count_what_the_plans_hold_beside_the_weights() -> None:
+    """A 1x1 conv's plan holds its entry offsets (int32 each); a column-blocked 3x3 conv's
+    also the blocks (bounds, entry order) and block-major copies of offsets and values, and
+    its layout copy's phase table. Nothing before the first call; nothing of the kernel's."""
+    torch.manual_seed(0)
+    pointwise, blocked = nn.Conv2d(16, 8, 1), nn.Conv2d(64, 64, 3, padding=1)
+    for conv in (pointwise, blocked):
+        sparsify_weight(conv, 0.5, 0, "none")
+    layers = [SparseConv2d.from_dense(c, NativeSparseMatrix) for c in (pointwise, blocked)]
+    inputs = [torch.randn(1, 16, 5, 5), torch.randn(1, 64, 32, 32)]
+    assert [layer.plan_bytes() for layer in layers] == [0, 0]
+    with torch.no_grad():
+        for layer, x in zip(layers, inputs, strict=True):
+            layer(x)
+    entries = [layer.kernel.entries for layer in layers]
+    assert layers[0].plan_bytes() == 4 * entries[0]
+    blocks = layers[1]._ksplits[(32, 32)]
+    assert blocks is not None and blocks.blocks > 1
+    phases = layers[1].layout(32, 32)[0]._phase_table
+    expected = 4 * entries[1] * 4 + 4 * blocks.bounds.numel() + 4 * phases.numel()
+    assert layers[1].plan_bytes() == expected  # offsets, order, block-major offsets, values
+
+
 def _split_weights(library_path: Path) -> Callable[[list[float] | None], list[float]]:
     """``benchlib_split_weights`` of the loaded library: sets the row split's two thread
     weights when given, returns them as they were."""

@@ -4,7 +4,8 @@ A sparse target's speedup is only read right next to what it ran: how many layer
 (the rest stayed dense: not sparse enough, or timed slower sparse), on which kernel (and
 instruction set), what the weights take as stored, and what was fused around them. The
 targets put this in their record's ``info`` (``cpu-sparse``: ``sparse_layers``,
-``dense_layers``, ``kernels``, ``weight_bytes_stored`` / ``weight_bytes_dense``, ``fusion``,
+``dense_layers``, ``kernels``, ``weight_bytes_stored`` / ``weight_bytes_dense`` (and
+``weight_bytes_plans``: what its native plans hold beside the weights), ``fusion``,
 ``native``; ``cuda-sparse24``: ``converted_layers`` and ``dense_layers`` as lists, ``engine``,
 ``weight_bytes_compressed``); this module reads it back for the console and Markdown reports.
 Cells whose ``info`` has no layer counts (dense targets, failed cells) get no row.
@@ -71,7 +72,8 @@ def fusion_text(info: Mapping[str, Any]) -> str:
 
 def kernels_grid(views: Sequence[CellView]) -> Grid | None:
     """One row per cell whose ``info`` counts sparse and dense layers: variant, batch size,
-    target, layers sparse / all, kernels, weights stored against dense (MiB), fusions. None
+    target, layers sparse / all, kernels, weights stored (plus what the plans hold) against
+    dense (MiB), fusions. None
     when no cell has such counts."""
     rows = []
     for view in views:
@@ -82,7 +84,11 @@ def kernels_grid(views: Sequence[CellView]) -> Grid | None:
             continue
         stored = info.get("weight_bytes_stored", info.get("weight_bytes_compressed"))
         full = info.get("weight_bytes_dense")
-        weights = f"{fmt_mib(stored)} / {fmt_mib(full)}" if _int(stored) and _int(full) else "-"
+        plans = _int(info.get("weight_bytes_plans"))
+        weights = "-"
+        if _int(stored) and _int(full):
+            extra = f"\n+{fmt_mib(plans)} plans" if plans else ""  # a line of its own
+            weights = f"{fmt_mib(stored)} / {fmt_mib(full)}{extra}"
         rows.append(
             (
                 Text(row.spec),

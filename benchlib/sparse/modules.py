@@ -376,6 +376,34 @@ class SparseConv2d(nn.Module):
             sizes.append(math.floor((size + pad - d * (k - 1) - 1) / s) + 1)
         return sizes[0], sizes[1]
 
+    def plan_bytes(self) -> int:
+        """Bytes the layer's native plans hold beside its kernel's tensors and its bias: the
+        entry offsets per input size, the column blocks, and the block-major copies of the
+        entries that a column-blocked product reads instead of the kernel's own (0 before the
+        first native call, or where none runs)."""
+        kernel = self.kernel
+        kernel_tensors = list(kernel.buffers()) if isinstance(kernel, nn.Module) else []
+        own = {t.data_ptr() for t in (*kernel_tensors, *self.buffers())}
+        held: dict[int, int] = {}
+
+        def hold(value: object) -> None:
+            if isinstance(value, ColumnBlocks):
+                hold(value.bounds)
+                hold(value.order)
+            elif isinstance(value, torch.Tensor) and value.numel() and value.data_ptr() not in own:
+                bytes_ = value.numel() * value.element_size()
+                held[value.data_ptr()] = max(held.get(value.data_ptr(), 0), bytes_)
+
+        for _, offsets in self._layouts.values():
+            hold(offsets)
+        for blocks in self._ksplits.values():
+            hold(blocks)
+        for plan in self._plans.values():
+            for call in (plan.product, plan.copy):
+                for value in () if call is None else call.keep:
+                    hold(value)
+        return sum(held.values())
+
     def reuse(self) -> float:
         """Stored weights per input channel: how often the kernel reads each input value."""
         return _entries(self.kernel) / self.in_channels

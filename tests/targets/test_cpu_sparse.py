@@ -289,6 +289,7 @@ def test_every_layer_runs_sparse_at_threshold_one(tiny_model: Model) -> None:
         "chained": 2,
     }
     assert prepared.info["dense_layers"] == 0
+    assert prepared.info["weight_bytes_plans"] > 0  # built in prepare: the entry offsets
 
 
 @pytest.mark.parametrize(
