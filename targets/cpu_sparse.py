@@ -12,9 +12,8 @@ body) as one native call, bound here by one call on the real input (``benchlib.s
 timings), and the weight bytes stored against dense, with ``weight_bytes_plans`` the bytes the
 layers' native plans hold beside them (entry offsets, and block-major copies of the entries
 of column-blocked convs; the plans are built in ``prepare``, by one call on the real input);
-``info["fusion"]`` counts the fusions (a
-residual add folded into the pointwise conv before it, the layers chained, too), or says why
-the model was not traced.
+``info["fusion"]`` counts the fusions (a residual add folded into the pointwise conv before it,
+the layers chained, too), or says why the model was not traced.
 
 The kernels are benchlib's own (``NativeSparseMatrix``: C++ built just in time, CSR and BSR
 Rx1, direct convolution without im2col); where they cannot build, PyTorch's sparse CSR / BSR

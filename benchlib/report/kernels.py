@@ -72,9 +72,8 @@ def fusion_text(info: Mapping[str, Any]) -> str:
 
 def kernels_grid(views: Sequence[CellView]) -> Grid | None:
     """One row per cell whose ``info`` counts sparse and dense layers: variant, batch size,
-    target, layers sparse / all, kernels, weights stored (plus what the plans hold) against
-    dense (MiB), fusions. None
-    when no cell has such counts."""
+    target, layers sparse / all, kernels, weights stored against dense (MiB; below, what the
+    native plans hold beside them), fusions. None when no cell has such counts."""
     rows = []
     for view in views:
         info, row = view.record.info, view.row

@@ -426,22 +426,19 @@ void run_gather(const Problem& p, int threads) {
   }
   double before[kMaxWeighted + 1] = {0.0};  // cumulative weights, the same for every thread
   for (int t = 0; t < kMaxWeighted; ++t) before[t + 1] = before[t] + weight_of(t);
+  const double total = static_cast<double>(row_cost(p.rowptr, p.block_rows));
   Share shares[kMaxWeighted];
   int team = 1;
   parallel_rows(p.block_rows, threads, [&](int64_t t, int64_t parts) {
-    int64_t i0 = split(p.rowptr, p.block_rows, t, parts);
-    int64_t i1 = split(p.rowptr, p.block_rows, t + 1, parts);
     const bool weighted = parts > 1 && parts <= kMaxWeighted;
-    if (weighted) {  // thread u's share of the cost: weight u / all the weights
-      const double total = static_cast<double>(row_cost(p.rowptr, p.block_rows));
-      const auto at = [&](int64_t u) {
-        if (u <= 0) return int64_t{0};
-        if (u >= parts) return p.block_rows;
-        const double goal = total * (before[u] / before[parts]);
-        return first_row_at(p.rowptr, p.block_rows, static_cast<int64_t>(goal));
-      };
-      i0 = at(t), i1 = at(t + 1);
-    }
+    const auto first_row = [&](int64_t u) {  // thread u's: its share, weight u / all weights
+      if (!weighted) return split(p.rowptr, p.block_rows, u, parts);
+      if (u <= 0) return int64_t{0};
+      if (u >= parts) return p.block_rows;
+      const double goal = total * (before[u] / before[parts]);
+      return first_row_at(p.rowptr, p.block_rows, static_cast<int64_t>(goal));
+    };
+    const int64_t i0 = first_row(t), i1 = first_row(t + 1);
     const auto start = std::chrono::steady_clock::now();
     std::vector<float> buffer;
     if (i0 < i1) block_rows<R>(p, i0, i1, 0, units, buffer);
