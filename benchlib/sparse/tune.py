@@ -23,7 +23,7 @@ them and the dense one followed by them (an add and a ReLU pass over the output)
 (within ``TIE``) and a layer that looks slower sparse are timed a second time and the two
 timings averaged, so a layer goes dense only on two looks: on this shared VM a layer near
 break-even otherwise flipped between runs (ResNet-50 ``magnitude:0.9``'s 1x1 convs of density
-0.6-0.7 went dense in slow minutes, 2 of them in one run at 2026-12-03 11:00 UTC, and each one
+0.6-0.7 went dense in slow minutes, 2 of them in one run at 2026-12-03 10:20 UTC, and each one
 cut the native chain in two and ran through PyTorch's slower dense conv).
 """
 
