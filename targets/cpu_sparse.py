@@ -7,13 +7,15 @@ and runs max pooling natively (``benchlib.sparse.fuse`` / ``pool``); (2) convert
 converted layer against its dense original on the input it really gets and keeps it sparse only
 where that is faster (``benchlib.sparse.tune``); (4) lets the sparse layers apply the ReLU that
 follows them; (5) runs each run of native sparse convs that only feed each other (a ResNet's
-body) as one native call, bound here by one call on the real input (``benchlib.sparse.chain``).
+body, and the classifier head after it: global average pool, flatten, dense linear) as one
+native call, bound here by one call on the real input (``benchlib.sparse.chain``).
 ``info`` lists, per layer, what ran sparse, in which format and kernel, why (density, and both
 timings), and the weight bytes stored against dense, with ``weight_bytes_plans`` the bytes the
 layers' native plans hold beside them (entry offsets, and block-major copies of the entries
 of column-blocked convs; the plans are built in ``prepare``, by one call on the real input);
 ``info["fusion"]`` counts the fusions (a residual add folded into the pointwise conv before it,
-the layers chained, too), or says why the model was not traced.
+the layers chained, and the head's average pools and dense linear layers run by a chain, too),
+or says why the model was not traced.
 
 The kernels are benchlib's own (``NativeSparseMatrix``: C++ built just in time, CSR and BSR
 Rx1, direct convolution without im2col); where they cannot build, PyTorch's sparse CSR / BSR
@@ -38,7 +40,7 @@ from benchlib.sparse import (
     sparsify,
     totals,
 )
-from benchlib.sparse.chain import chain_convs
+from benchlib.sparse.chain import NativeChain, chain_convs
 from benchlib.sparse.fuse import epilogues, fold_batchnorm, fuse_relu, fuse_residual, trace
 from benchlib.sparse.modules import SparseConv2d
 from benchlib.sparse.pool import replace_max_pools
@@ -144,6 +146,8 @@ class CpuSparse:
             "relu_fused": 0,
             "max_pools": 0,
             "chained": 0,
+            "avgpools_chained": 0,
+            "linears_chained": 0,
         }
         if self.fuse:
             traced = trace(model)
@@ -164,6 +168,11 @@ class CpuSparse:
             fusion["residual_fused"] = fuse_residual(converted)
             fusion["relu_fused"] = fuse_relu(converted)
             fusion["chained"] = chain_convs(converted)
+            chains = [m for m in converted.modules() if isinstance(m, NativeChain)]
+            fusion["avgpools_chained"] = sum(chain.head is not None for chain in chains)
+            fusion["linears_chained"] = sum(
+                chain.head is not None and chain.head.linear is not None for chain in chains
+            )
         with torch.inference_mode():  # builds the layers' plans and binds the chains
             converted(*inputs)
         return converted, layers, fusion

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
@@ -70,6 +71,8 @@ def test_a_resnet_body_is_one_chain_equal_to_dense_on_every_call() -> None:
     sparse_layers = sum(isinstance(m, SparseConv2d) for m in graph.modules())
     assert chain_convs(graph) == sparse_layers == 19
     [chain] = chains(graph)
+    assert chain.head is not None and chain.head.linear is graph.fc  # the head joined
+    assert not {"avgpool", "fc"} & {n.target for n in graph.graph.nodes}
     x = torch.randn(1, 3, 64, 64)
     with torch.inference_mode():
         expected = model(x)
@@ -190,6 +193,99 @@ def test_only_the_last_output_of_a_chain_leaves_it() -> None:
         for _ in range(2):
             for out, expected in zip(graph(x), model(x), strict=True):
                 assert relative_error(out, expected) <= EXACT
+
+
+class Classifier(nn.Module):
+    """Two sparse 1x1 convs (to 70 channels: the native linear's 4-vector, 1-vector and tail
+    loops), an average pool (``pool``: the module, ``F``, or ``F`` to 2 x 2), and, with a
+    ``flatten`` (``torch.flatten`` or ``nn.Flatten``), a dense linear layer to 37; ``leak``
+    also returns the convs' output."""
+
+    def __init__(self, pool: str, flatten: str | None, bias: bool, leak: bool) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 8, 1), nn.Conv2d(8, 70, 1)
+        self.pool, self.flatten = nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        self.fc = nn.Linear(70 * (4 if pool == "F 2x2" else 1), 37, bias=bias)
+        self.how, self.flat, self.leak = pool, flatten, leak
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        y = self.b(self.a(x))
+        if self.how == "module":
+            out = self.pool(y)
+        else:
+            out = F.adaptive_avg_pool2d(y, 2 if self.how == "F 2x2" else 1)
+        if self.flat is not None:
+            out = self.fc(torch.flatten(out, 1) if self.flat == "torch" else self.flatten(out))
+        return (out, y) if self.leak else out
+
+
+@pytest.mark.parametrize(
+    ("pool", "flatten", "bias", "leak", "joined"),
+    [
+        ("module", None, True, False, "pool"),
+        ("F", None, True, False, "pool"),
+        ("F 2x2", None, True, False, ""),
+        ("module", None, True, True, ""),
+        ("module", "torch", True, False, "pool linear"),
+        ("F", "module", False, False, "pool linear"),
+        ("F 2x2", "torch", True, False, ""),
+        ("module", "torch", True, True, ""),
+    ],
+)
+def test_the_classifier_head_read_only_by_the_run_joins_the_chain(
+    pool: str, flatten: str | None, bias: bool, leak: bool, joined: str
+) -> None:
+    torch.manual_seed(0)
+    model = Classifier(pool, flatten, bias, leak).eval()
+    for index, layer in enumerate((model.a, model.b)):
+        sparsify_weight(layer, 0.6, index, "none")
+    graph = converted(model, chain=False)
+    assert chain_convs(graph) == 2
+    [chain] = chains(graph)
+    head = chain.head
+    assert ("pool" in joined) is (head is not None)
+    fc = getattr(graph, "fc", None)  # traced away where the model does not call it
+    assert ("linear" in joined) is (head is not None and head.linear is fc is not None)
+    left = {str(n.target) for n in graph.graph.nodes if n.op != "placeholder"}
+    assert ("fc" in left) is (flatten is not None and "linear" not in joined)
+    x = torch.randn(3, 4, 7, 5)
+    with torch.inference_mode():
+        expected = model(x)
+        for _ in range(3):  # one by one, then bound
+            actual = graph(x)
+            for got, want in zip(
+                actual if leak else [actual], expected if leak else [expected], strict=True
+            ):
+                assert got.shape == want.shape and relative_error(got, want) <= EXACT
+    assert chain.bound_shapes() == [(3, 4, 7, 5)]
+
+
+def test_a_changed_or_hooked_head_linear_is_followed() -> None:
+    """New weights (another tensor, or its data swapped in place) rebind; a hook runs the head
+    by torch."""
+    torch.manual_seed(0)
+    model = Classifier("module", "torch", True, False).eval()
+    for index, layer in enumerate((model.a, model.b)):
+        sparsify_weight(layer, 0.6, index, "none")
+    graph = converted(copy.deepcopy(model))
+    [chain] = chains(graph)
+    assert chain.head is not None and chain.head.linear is graph.fc
+    x = torch.randn(1, 4, 6, 6)
+    seen: list[int] = []
+    with torch.inference_mode():
+        graph(x)
+        assert relative_error(graph(x), model(x)) <= EXACT
+        graph.fc.weight = nn.Parameter(graph.fc.weight * 3)
+        model.fc.weight = nn.Parameter(model.fc.weight * 3)
+        assert relative_error(graph(x), model(x)) <= EXACT
+        graph.fc.weight.data = graph.fc.weight.data * -1
+        model.fc.weight.data = model.fc.weight.data * -1
+        graph(x)
+        assert relative_error(graph(x), model(x)) <= EXACT
+        handle = graph.fc.register_forward_hook(lambda *_: seen.append(1))
+        assert relative_error(graph(x), model(x)) <= EXACT
+        handle.remove()
+    assert seen == [1]
 
 
 def test_other_dtypes_run_one_by_one() -> None:

@@ -433,7 +433,8 @@ def test_build_failures_are_one_line_reasons(tmp_path: Path) -> None:
         build(tmp_path, str(tmp_path / "missing-c++"))
     with pytest.raises(
         NativeUnavailable,
-        match=r"could not compile spmm\.cpp layout\.cpp chain\.cpp: spmm\.cpp:1: error: boom",
+        match=r"could not compile spmm\.cpp layout\.cpp head\.cpp chain\.cpp: "
+        r"spmm\.cpp:1: error: boom",
     ):
         build(tmp_path, fake_compiler(tmp_path, 1))
     assert not list(tmp_path.glob("*.so"))  # no half-written library is left

@@ -26,6 +26,8 @@ FUSIONS = (
     ("relu_fused", "ReLU fused"),
     ("max_pools", "native max pool"),
     ("chained", "layers chained"),
+    ("avgpools_chained", "avg pool chained"),
+    ("linears_chained", "linear chained"),
 )
 """``info["fusion"]`` counts as shown, in this order."""
 

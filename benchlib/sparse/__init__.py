@@ -4,7 +4,8 @@
 ``threshold`` by ``SparseConv2d`` / ``SparseLinear``, modules that compute the layer as one
 sparse x dense matrix product through a swappable kernel (``MatrixKernel``), and reports per
 layer what it did. The default kernel is ``NativeSparseMatrix``: benchlib's own C++ kernels
-(``csrc/``: ``spmm.cpp`` the products, ``layout.cpp`` the conv input copy and max pooling;
+(``csrc/``: ``spmm.cpp`` the products, ``layout.cpp`` the conv input copy and max pooling,
+``head.cpp`` a classifier head's average pool and dense linear, ``chain.cpp`` runs of calls;
 built just in time by ``build.load_library``; CSR and BSR 2x1/4x1/8x1, direct convolution
 without im2col). Where they cannot build, ``TorchSparseMatrix`` (PyTorch's
 CSR or BSR product) runs instead and the layer report says why.

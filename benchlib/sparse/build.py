@@ -37,8 +37,9 @@ from typing import IO, Any
 
 CACHE_ENV = "BENCHLIB_CACHE_DIR"
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "spmm.cpp", CSRC / "layout.cpp", CSRC / "chain.cpp")
-"""Compiled into one library: the sparse products, and the conv layout copy and max pooling."""
+SOURCES = (CSRC / "spmm.cpp", CSRC / "layout.cpp", CSRC / "head.cpp", CSRC / "chain.cpp")
+"""Compiled into one library: the sparse products, the conv layout copy and max pooling, the
+classifier head (global average pool, dense linear) and the chain runner."""
 HEADERS = (CSRC / "common.h",)
 """Included by the sources (the vector type per instruction set, the OpenMP loop)."""
 BASE_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno")
@@ -79,6 +80,10 @@ class NativeLibrary:
     conv_layout_packed: Callable[[int], int]
     run_chain: Callable[[int, int], int]
     """Runs a chain of packed calls (``benchlib.sparse.chain``): steps' address, count."""
+    mean_planes_packed: Callable[[int], int]
+    """The chain's head steps (``csrc/head.cpp``), packed only: the average pool and the dense
+    linear layer."""
+    dense_linear_packed: Callable[[int], int]
 
 
 class PackedCall:
@@ -198,6 +203,8 @@ SIGNATURES = {
     "benchlib_spmm_gather_packed": "p",
     "benchlib_spmm_rows_packed": "p",
     "benchlib_conv_layout_packed": "p",
+    "benchlib_mean_planes_packed": "p",
+    "benchlib_dense_linear_packed": "p",
     "benchlib_run_chain": "p i",
 }
 """Argument types of the library's functions, as in csrc/*.cpp: p a pointer, i an int64_t,
@@ -230,6 +237,8 @@ def _bind(path: Path, build_s: float) -> NativeLibrary:
         functions["spmm_rows_packed"],
         functions["conv_layout_packed"],
         functions["run_chain"],
+        functions["mean_planes_packed"],
+        functions["dense_linear_packed"],
     )
 
 

@@ -1,4 +1,4 @@
-// Shared by benchlib's native kernels (spmm.cpp, layout.cpp): the vector type of the
+// Shared by benchlib's native kernels (spmm.cpp, layout.cpp, head.cpp): the vector type of the
 // instruction set they are compiled for (AVX-512, AVX2 + FMA, or portable C++), the inline
 // moves of short runs of floats, and the OpenMP loop that runs a body on torch's threads.
 
