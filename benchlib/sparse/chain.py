@@ -308,6 +308,7 @@ def _bind(
     calls: list[tuple[int, PackedCall]] = []
     input_slots: list[tuple[PackedCall, int]] = []
     output_slot: tuple[PackedCall, int] | None = None
+    features = x  # the last layer's output where a head reads it (set below)
 
     def address(ref: int, call: PackedCall, index: int) -> None:
         if ref == CHAIN_INPUT:
@@ -333,9 +334,9 @@ def _bind(
         if step == last and head is None:
             output_slot = (product, GATHER_OUT)
         elif step == last:  # its own buffer, read by the head's steps below
-            out = x.new_empty(plan.out_shape)
-            buffers.append(out)
-            product[GATHER_OUT] = out.data_ptr()
+            features = x.new_empty(plan.out_shape)
+            buffers.append(features)
+            product[GATHER_OUT] = features.data_ptr()
         else:
             spare = free.setdefault(torch.Size(plan.out_shape).numel(), [])
             if spare:
@@ -355,7 +356,7 @@ def _bind(
         for layer, plan in zip(layers, plans, strict=True)
     ]
     if head is not None:
-        steps = _head_steps(head, buffers[-1])
+        steps = _head_steps(head, features)
         if steps is None:
             return None
         head_calls, output_slot, out_shape = steps
@@ -372,14 +373,10 @@ def _head_steps(
     calls, the slot of the output's address, and the output's shape; None where its linear
     layer is not a contiguous fp32 CPU one taking C features."""
     images, channels, height, width = features.shape
+    planes = (features.data_ptr(), images * channels, height * width)
     linear = head.linear
-    pooled = features.new_empty(images, channels)  # the pool's output, unless it is the last
-    mean = PackedCall(
-        library().mean_planes_packed,
-        (features.data_ptr(), images * channels, height * width, pooled.data_ptr(), 1),
-        (features, pooled),
-    )
-    if linear is None:
+    if linear is None:  # the pool writes the chain's output (its address set per call)
+        mean = PackedCall(library().mean_planes_packed, (*planes, 0, 1), (features,))
         return [(POOL_STEP, mean)], (mean, POOL_OUT), (images, channels, 1, 1)
     weight, bias = linear.weight, linear.bias
     if (
@@ -390,6 +387,10 @@ def _head_steps(
         or weight.shape[1] != channels
     ):
         return None
+    pooled = features.new_empty(images, channels)
+    mean = PackedCall(
+        library().mean_planes_packed, (*planes, pooled.data_ptr(), 1), (features, pooled)
+    )
     product = PackedCall(
         library().dense_linear_packed,
         (
