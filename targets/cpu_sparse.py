@@ -14,8 +14,9 @@ timings), and the weight bytes stored against dense, with ``weight_bytes_plans``
 layers' native plans hold beside them (entry offsets, and block-major copies of the entries
 of column-blocked convs; the plans are built in ``prepare``, by one call on the real input);
 ``info["fusion"]`` counts the fusions (a residual add folded into the pointwise conv before it,
-the layers chained, and the head's average pools and dense linear layers run by a chain, too),
-or says why the model was not traced.
+the layers chained, and the head's average pools and dense linear layers run by a chain, too;
+``banded``: chained layers whose output the chain keeps in bands of rows, ``bands.py``), or
+says why the model was not traced.
 
 The kernels are benchlib's own (``NativeSparseMatrix``: C++ built just in time, CSR and BSR
 Rx1, direct convolution without im2col); where they cannot build, PyTorch's sparse CSR / BSR
@@ -148,6 +149,7 @@ class CpuSparse:
             "chained": 0,
             "avgpools_chained": 0,
             "linears_chained": 0,
+            "banded": 0,
         }
         if self.fuse:
             traced = trace(model)
@@ -175,4 +177,7 @@ class CpuSparse:
             )
         with torch.inference_mode():  # builds the layers' plans and binds the chains
             converted(*inputs)
+        fusion["banded"] = sum(
+            m.banded_layers() for m in converted.modules() if isinstance(m, NativeChain)
+        )
         return converted, layers, fusion

@@ -36,6 +36,7 @@ from benchlib.sparse import (
     load_library,
     sparsify,
 )
+from benchlib.sparse.bands import to_bands
 from benchlib.sparse.build import build, cache_dir, compiler
 from benchlib.sparse.native import ColumnBlocks
 from benchlib.sparse.tiling import L2_FLOATS, column_block
@@ -886,11 +887,13 @@ def test_the_native_layout_copy_equals_the_torch_one(
     padding=st.tuples(*[st.integers(0, 6)] * 4),
     align=st.booleans(),
     threads=st.sampled_from([1, 2]),
+    band_pick=st.integers(0, 8),
 )
 # the last plane reads no input row while its rows have left padding (1 row, top padding 1,
 # stride 2): zeroing "the rows above and the first row's left padding" would overrun it
-@example(2, 1, 5, 1, 2, 1, (1, 0, 1, 0), False, 1)
-@example(3, 2, 7, 3, 3, 1, (5, 0, 4, 2), True, 2)
+@example(2, 1, 5, 1, 2, 1, (1, 0, 1, 0), False, 1, 0)
+@example(3, 2, 7, 3, 3, 1, (5, 0, 4, 2), True, 2, 0)
+@example(3, 12, 7, 3, 2, 1, (1, 1, 1, 1), False, 2, 3)  # bands of 3 rows
 def test_the_native_layout_copy_of_any_shape_writes_exactly_its_planes(
     channels: int,
     height: int,
@@ -901,9 +904,12 @@ def test_the_native_layout_copy_of_any_shape_writes_exactly_its_planes(
     padding: tuple[int, int, int, int],
     align: bool,
     threads: int,
+    band_pick: int,
 ) -> None:
     """Every phase image, including those that read no input row (a padding wider than the
-    input), equals the torch copy, and nothing past the last plane is written."""
+    input), equals the torch copy, and nothing past the last plane is written; from an NCHW
+    input or one in bands of rows (``band_pick`` picks the rows among the height's divisors,
+    0: NCHW)."""
     try:
         layout = ConvLayout.of(
             channels, (height, width), (kernel, kernel), (stride, stride),
@@ -914,13 +920,16 @@ def test_the_native_layout_copy_of_any_shape_writes_exactly_its_planes(
     if layout.in_place:
         return  # no copy
     x = torch.randn(2, channels, height, width)
+    divisors = [r for r in range(1, height + 1) if height % r == 0]
+    band = 0 if band_pick == 0 else divisors[band_pick % len(divisors)]
+    source = x if band == 0 else to_bands(x, band)
     guarded = torch.full((2 * layout.floats + 64,), float("nan"))
     library = load_library()
     assert not isinstance(library, NativeUnavailable)
     library.conv_layout(
-        x.data_ptr(), 2, channels, height, width, layout._phase_table.data_ptr(),
+        source.data_ptr(), 2, channels, height, width, layout._phase_table.data_ptr(),
         len(layout.phases), stride, stride, padding[0], padding[2], layout.phase_h,
-        layout.phase_w, layout.plane, guarded.data_ptr(), threads,
+        layout.phase_w, layout.plane, guarded.data_ptr(), threads, band,
     )  # fmt: skip
     with mock.patch("benchlib.sparse.direct.load_library", lambda: NativeUnavailable("test")):
         expected = layout.source(x)  # by torch ops

@@ -28,6 +28,7 @@ FUSIONS = (
     ("chained", "layers chained"),
     ("avgpools_chained", "avg pool chained"),
     ("linears_chained", "linear chained"),
+    ("banded", "layers banded"),
 )
 """``info["fusion"]`` counts as shown, in this order."""
 

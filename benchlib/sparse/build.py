@@ -90,7 +90,7 @@ class PackedCall:
     """One call of a ``*_packed`` function, its arguments in one int64 array: those that stay
     the same (a layer's weights, its geometry) are written once, the others (the activations'
     addresses, the thread count) per call with ``call[index] = value``. ctypes then converts
-    one argument, not 13-20 (about 0.3-0.5 us each): a layer call costs a few us, not 10-20.
+    one argument, not 13-23 (about 0.3-0.5 us each): a layer call costs a few us, not 10-20.
 
     The array holds addresses, so the call keeps the tensors behind them alive (``keep``). Not
     for concurrent use: a caller that may run from two threads serializes its calls.
@@ -196,9 +196,9 @@ def _compile(cxx: str, target: Path) -> None:
 
 
 SIGNATURES = {
-    "benchlib_spmm_gather": "pppp ii p iiiii p ii n p p i n",
+    "benchlib_spmm_gather": "pppp ii p iiiii p ii n p p i n iii",
     "benchlib_spmm_rows": "pppp ii p ii p i n n",
-    "benchlib_conv_layout": "p iiii p iiiiiiii p n",
+    "benchlib_conv_layout": "p iiii p iiiiiiii p n i",
     "benchlib_max_pool2d": "p iii p iiiiiiiiii n n",
     "benchlib_spmm_gather_packed": "p",
     "benchlib_spmm_rows_packed": "p",

@@ -44,9 +44,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules import module as module_hooks
 
+from benchlib.sparse.bands import adds_residual, band_rows, banded_product
 from benchlib.sparse.build import PackedCall
-from benchlib.sparse.direct import COPY_OUT, COPY_SOURCE, COPY_THREADS
-from benchlib.sparse.modules import SparseConv2d
+from benchlib.sparse.direct import COPY_BAND, COPY_OUT, COPY_SOURCE, COPY_THREADS
+from benchlib.sparse.modules import GatherPlan, SparseConv2d
 from benchlib.sparse.native import (
     GATHER_OUT,
     GATHER_RELU,
@@ -167,8 +168,11 @@ class _Binding:
         output_slot: tuple[PackedCall, int],
         out_shape: tuple[int, ...],
         buffers: list[torch.Tensor],
+        bands: list[int | None],
     ) -> None:
         self.shape, self.snapshots, self.out_shape = shape, snapshots, out_shape
+        self.bands = bands
+        """Per layer, the rows per band of its output (``bands.py``; None: NCHW)."""
         self.calls, self.input_slots, self.output_slot = calls, input_slots, output_slot
         self.buffers = buffers  # kept alive: the calls hold their addresses
         self.steps = (ctypes.c_int64 * (2 * len(calls)))(
@@ -247,6 +251,14 @@ class NativeChain(nn.Module):
         """The input shapes the chain runs natively for (bound on a first call)."""
         return list(self._bindings)
 
+    def banded_layers(self) -> int:
+        """How many layers write their output in bands of rows (``bands.py``), the most of
+        any bound input shape (0 before the first binding)."""
+        return max(
+            (sum(rows is not None for rows in b.bands) for b in self._bindings.values()),
+            default=0,
+        )
+
     def _run_layers(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every layer's output, the layers called one by one."""
         outputs: list[torch.Tensor] = []
@@ -297,6 +309,7 @@ def _bind(
             if residual.dtype != torch.float32 or not residual.is_contiguous():
                 return None
         plans.append(plan)
+    rows = _band_rows(layers, arguments, tensors, plans)
     last_use = {ref: step for step, refs in enumerate(arguments) for ref in refs}
     scratch_floats = max(
         (x.shape[0] * plan.source_floats for plan in plans if plan.copy is not None), default=0
@@ -318,9 +331,15 @@ def _bind(
 
     last = len(layers) - 1
     for step, (layer, refs, plan) in enumerate(zip(layers, arguments, plans, strict=True)):
-        product = plan.product.copy()
+        source_rows, out_rows = rows[refs[0]], rows[step]
+        if out_rows is None and (plan.copy is not None or source_rows is None):
+            product = plan.product.copy()
+        else:
+            shape = tensors[refs[0]].shape
+            product, _ = banded_product(layer, shape, source_rows, out_rows)
         if plan.copy is not None:
             copy = plan.copy.copy()
+            copy[COPY_BAND] = source_rows or 0
             address(refs[0], copy, COPY_SOURCE)
             copy[COPY_OUT] = scratch.data_ptr()
             calls.append((COPY_STEP, copy))
@@ -363,7 +382,42 @@ def _bind(
         calls.extend(head_calls)
         snapshots.append(_HeadSnapshot.of(head))
     assert output_slot is not None
-    return _Binding(tuple(x.shape), snapshots, calls, input_slots, output_slot, out_shape, buffers)
+    bands = [rows[step] for step in range(len(layers))]
+    return _Binding(
+        tuple(x.shape), snapshots, calls, input_slots, output_slot, out_shape, buffers, bands
+    )
+
+
+def _band_rows(
+    layers: list[SparseConv2d],
+    arguments: list[tuple[int, ...]],
+    tensors: list[torch.Tensor],
+    plans: list[GatherPlan],
+) -> dict[int, int | None]:
+    """Rows per band of each step's output inside the chain (``bands.band_rows`` of its size;
+    None: NCHW), and None for the chain's input (``CHAIN_INPUT``). NCHW as well: the last
+    step's output (the chain's, or the head's input), and both a residual and the output it is
+    added to wherever either is NCHW or the layer cannot add it to bands (the residual is laid
+    out as the output)."""
+    rows: dict[int, int | None] = {CHAIN_INPUT: None}
+    for step, plan in enumerate(plans):
+        rows[step] = None if step == len(plans) - 1 else band_rows(*plan.out_shape[2:])
+    changed = True
+    while changed:
+        changed = False
+        for step, refs in enumerate(arguments):
+            if len(refs) < 2:
+                continue
+            out_rows, shape = rows[step], tensors[refs[0]].shape
+            if out_rows is not None and (
+                out_rows != rows[refs[1]] or not adds_residual(layers[step], shape, out_rows)
+            ):
+                rows[step] = None
+                changed = True
+            if rows[refs[1]] is not None and rows[step] is None:
+                rows[refs[1]] = None
+                changed = True
+    return rows
 
 
 def _head_steps(

@@ -33,6 +33,9 @@ from benchlib.sparse.build import NativeLibrary, PackedCall, load_library
 INT32_MAX = 2**31 - 1
 COPY_SOURCE, COPY_OUT, COPY_THREADS = 0, 14, 15
 """The arguments of a ``copy_call`` set per call (indices into ``benchlib_conv_layout``'s)."""
+COPY_BAND = 16
+"""The argument of a ``copy_call`` giving the source's rows per band (``bands.py``); 0, as
+built, reads an NCHW source."""
 ALIGN = 16
 """Floats per 64 bytes (a cache line, an AVX-512 vector)."""
 
@@ -172,7 +175,7 @@ class ConvLayout:
         args = (
             0, images, self.channels, self.height, self.width, phases.data_ptr(),
             len(self.phases), *self.stride, self.padding[0], self.padding[2], self.phase_h,
-            self.phase_w, self.plane, 0, 1,
+            self.phase_w, self.plane, 0, 1, 0,
         )  # fmt: skip
         return PackedCall(loaded.conv_layout_packed, args, (phases,))
 

@@ -45,6 +45,7 @@ from benchlib.sparse.native import (
     GATHER_SOURCE,
     GATHER_THREADS,
     ColumnBlocks,
+    Parts,
 )
 from benchlib.sparse.tiling import ALIGN_MIN_REUSE, aligned_copy_pays, column_block
 
@@ -180,8 +181,10 @@ class GatherKernel(Protocol):
         row_length: int,
         bias: torch.Tensor | None,
         ksplit: ColumnBlocks | None = None,
+        parts: Parts | None = None,
     ) -> PackedCall:
-        """``gather`` for one geometry, its constant operands bound and checked once."""
+        """``gather`` for one geometry, its constant operands bound and checked once; with
+        ``parts``, each image's columns in parts (``native.Parts``)."""
         ...
 
     def linear(

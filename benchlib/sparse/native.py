@@ -49,6 +49,21 @@ GATHER_THREADS = 19
 _ROWS_X, _ROWS_BIAS, _ROWS_Y, _ROWS_RELU, _ROWS_THREADS = 6, 3, 9, 11, 12
 
 
+@dataclass(frozen=True)
+class Parts:
+    """Each image's columns as ``count`` parts (``gather_call``'s ``parts``; see spmm.cpp):
+    part t of image b is read at ``source + b * source_floats + t * source_step`` and written
+    at ``out + b * out_image + t * out_step``, its rows ``out_row`` floats apart; a residual
+    is laid out as the output. Where ``bands.py`` stores activations in bands of rows, a part
+    is one band."""
+
+    count: int
+    source_step: int
+    out_step: int
+    out_row: int
+    out_image: int
+
+
 @dataclass(frozen=True, eq=False)
 class ColumnBlocks:
     """A matrix's columns in blocks of ``width`` (``NativeSparseMatrix.k_split``), for the
@@ -256,7 +271,7 @@ class NativeSparseMatrix(nn.Module):
             None if residual is None else residual.data_ptr(),
             None if ksplit is None else ksplit.bounds.data_ptr(),
             0 if ksplit is None else ksplit.blocks,
-            torch.get_num_threads(),
+            torch.get_num_threads(), 1, 0, 0,
         )  # fmt: skip
         if status:
             raise ValueError(f"the native kernel refused its operands (status {status})")
@@ -272,6 +287,7 @@ class NativeSparseMatrix(nn.Module):
         row_length: int,
         bias: torch.Tensor | None,
         ksplit: ColumnBlocks | None = None,
+        parts: Parts | None = None,
     ) -> PackedCall:
         """``gather`` for one geometry as a ``PackedCall``, its operands checked once (as
         ``gather`` checks them): per call the caller sets ``GATHER_SOURCE`` and ``GATHER_OUT``
@@ -280,28 +296,75 @@ class NativeSparseMatrix(nn.Module):
         ``GATHER_RESIDUAL`` (a residual's address; needs ``pitch == row_length``). The call
         keeps this kernel's tensors, ``offsets``, ``bias`` and ``ksplit`` (with ``ksplit``, its
         own block-major copies of the values and offsets); it is stale once ``values`` is
-        another tensor (``.to``, a new kernel). Raises ValueError as ``gather``.
+        another tensor (``.to``, a new kernel). With ``parts``, ``columns`` are per part and
+        the out is (images, ``parts.out_image``) floats. Raises ValueError as ``gather``, and
+        where a part would read or write outside its image.
         """
         rows_out = -(-columns // pitch) if columns > 0 and pitch > 0 else 0
         plane = rows_out * row_length
         source = self.values.new_empty(images, source_floats)  # shapes for the checks only
-        out = self.values.new_empty(images, self.shape[0], plane)
-        self._check_gather(source, offsets, columns, pitch, row_length, out, rows_out)
+        if parts is None:
+            out = self.values.new_empty(images, self.shape[0], plane)
+            self._check_gather(source, offsets, columns, pitch, row_length, out, rows_out)
+        else:
+            self._check_parts(offsets, source_floats, columns, pitch, row_length, parts)
         self._check_bias(bias)
         values = self.values
         if ksplit is not None:
             self._check_ksplit(ksplit)
             offsets, values = self._block_major(offsets, ksplit)
+        if parts is None:
+            parts = Parts(1, 0, 0, plane, self.shape[0] * plane)
         args = (
             self.rowptr.data_ptr(), offsets.data_ptr(), values.data_ptr(),
             None if bias is None else bias.data_ptr(), self.shape[0] // self.rows_per_block,
             self.rows_per_block, 0, source_floats, images, columns, pitch, row_length, 0,
-            self.shape[0] * plane, plane, 0, 0,
+            parts.out_image, parts.out_row, 0, 0,
             None if ksplit is None else ksplit.bounds.data_ptr(),
-            0 if ksplit is None else ksplit.blocks, 1,
+            0 if ksplit is None else ksplit.blocks, 1, parts.count, parts.source_step,
+            parts.out_step,
         )  # fmt: skip
         keep = (self.rowptr, offsets, values, bias, ksplit)
         return PackedCall(library().gather_packed, args, keep)
+
+    def _check_parts(
+        self,
+        offsets: torch.Tensor,
+        source_floats: int,
+        columns: int,
+        pitch: int,
+        row_length: int,
+        parts: Parts,
+    ) -> None:
+        """``gather_call``'s checks with ``parts``: every part's reads and writes inside its
+        image (the last part's last column read, the last row's last output written)."""
+        rows_out = -(-columns // pitch) if columns > 0 and pitch > 0 else 0
+        last_read = (
+            (int(offsets.max()) if offsets.numel() else 0)
+            + (parts.count - 1) * parts.source_step
+            + columns
+        )
+        last_write = (
+            (parts.count - 1) * parts.out_step
+            + (self.shape[0] - 1) * parts.out_row
+            + rows_out * row_length
+        )
+        if (
+            offsets.dtype != torch.int32
+            or not offsets.is_contiguous()
+            or offsets.numel() != self.entries
+            or parts.count < 1
+            or min(parts.source_step, parts.out_step, parts.out_row, columns) < 0
+            or not 0 < row_length <= pitch
+            or last_read > source_floats
+            or last_write > parts.out_image
+            or rows_out * row_length > parts.out_row
+        ):
+            raise ValueError(
+                f"gather parts do not fit {self.name} {self.shape}: {parts}, {columns} "
+                f"columns (pitch {pitch}, row length {row_length}) on a {source_floats}-float "
+                f"source, {offsets.numel()} {offsets.dtype} offsets for {self.entries} entries"
+            )
 
     def _check_ksplit(self, ksplit: ColumnBlocks) -> None:
         bounds, order = ksplit.bounds, ksplit.order

@@ -289,6 +289,7 @@ def test_every_layer_runs_sparse_at_threshold_one(tiny_model: Model) -> None:
         "chained": 2,
         "avgpools_chained": 1,  # the tiny net's head pool joins its chain
         "linears_chained": 0,  # its classifier runs sparse too: not a dense nn.Linear
+        "banded": 0,  # 16x16 images stay NCHW (bands.BAND_MIN_PIXELS)
     }
     assert prepared.info["dense_layers"] == 0
     assert prepared.info["weight_bytes_plans"] > 0  # built in prepare: the entry offsets

@@ -80,15 +80,18 @@ PhaseSpan phase_span(int64_t a, int64_t c0, int64_t height, int64_t width, int64
 // the strided 3x3 convs' copies took 0.7-0.8x the time); planes `plane` floats apart (>= phase_h *
 // phase_w: the rest of a plane is zeroed). A plane is written front to back in runs: the zeros
 // before the first input row, then per input row its segment and the zeros up to the next one.
-void layout_range(const float* x, int64_t channels, int64_t height, int64_t width,
+// x may come in bands of `band` rows (benchlib/sparse/bands.py: per band, each channel's rows
+// of it in turn); band == height is NCHW.
+void layout_range(const float* x, int64_t channels, int64_t height, int64_t width, int64_t band,
                   const PhaseSpan* spans, int64_t phase_count, int64_t sh, int64_t sw,
                   int64_t top, int64_t left, int64_t phase_w, int64_t plane, float* out,
                   int64_t begin, int64_t end) {
   int64_t p = begin % phase_count, c = (begin / phase_count) % channels;
   int64_t b = begin / (channels * phase_count);
+  const int64_t band_floats = channels * band * width;  // from one band to the next
   for (int64_t task = begin; task < end; ++task) {
     const PhaseSpan& s = spans[p];
-    const float* src = x + (b * channels + c) * height * width;
+    const float* image = x + b * channels * height * width + c * band * width;
     float* dst = out + ((b * phase_count + p) * channels + c) * plane;
     const int64_t n = s.j1 - s.j0;
     if (s.i1 == s.i0) {  // the phase reads no input (a tiny input, or a wide padding)
@@ -97,7 +100,9 @@ void layout_range(const float* x, int64_t channels, int64_t height, int64_t widt
       zero_floats(dst, s.i0 * phase_w + s.j0);  // the rows above, the first row's left padding
       for (int64_t i = s.i0; i < s.i1; ++i) {
         float* row = dst + i * phase_w + s.j0;
-        const float* in = src + (s.a + sh * i - top) * width + (s.c0 + sw * s.j0 - left);
+        const int64_t r = s.a + sh * i - top;  // the input row
+        const float* in = image + (r / band) * band_floats + (r % band) * width +
+                          (s.c0 + sw * s.j0 - left);
         if (sw == 1)
           copy_floats(row, in, n);
         else if (sw == 2)
@@ -185,12 +190,14 @@ int benchlib_max_pool2d(const float* x, int64_t planes, int64_t height, int64_t 
 }
 
 // Writes the (images, phase_count, channels, plane) phase images (phase_h x phase_w each, at
-// the start of its plane) of the contiguous NCHW input x (see layout_range); phases holds
-// phase_count (row, col) origins.
+// the start of its plane) of the contiguous input x (see layout_range): NCHW, or in bands of
+// `band` rows where 0 < band < height (band must divide height); phases holds phase_count
+// (row, col) origins.
 int benchlib_conv_layout(const float* x, int64_t images, int64_t channels, int64_t height,
                          int64_t width, const int32_t* phases, int64_t phase_count, int64_t sh,
                          int64_t sw, int64_t top, int64_t left, int64_t phase_h, int64_t phase_w,
-                         int64_t plane, float* out, int threads) {
+                         int64_t plane, float* out, int threads, int64_t band) {
+  if (band <= 0 || band > height) band = height;
   const int64_t tasks = images * phase_count * channels;
   const int64_t work = tasks * plane;
   std::vector<PhaseSpan> spans;
@@ -198,8 +205,8 @@ int benchlib_conv_layout(const float* x, int64_t images, int64_t channels, int64
     spans.push_back(phase_span(phases[2 * p], phases[2 * p + 1], height, width, sh, sw, top,
                                left, phase_h, phase_w));
   parallel_rows(tasks, work < 32768 ? 1 : threads, [&](int64_t t, int64_t parts) {
-    layout_range(x, channels, height, width, spans.data(), phase_count, sh, sw, top, left,
-                 phase_w, plane, out, tasks * t / parts, tasks * (t + 1) / parts);
+    layout_range(x, channels, height, width, band, spans.data(), phase_count, sh, sw, top,
+                 left, phase_w, plane, out, tasks * t / parts, tasks * (t + 1) / parts);
   });
   return 0;
 }
@@ -210,7 +217,7 @@ int benchlib_conv_layout_packed(const int64_t* a) {
   return benchlib_conv_layout(packed_ptr<const float>(a, 0), a[1], a[2], a[3], a[4],
                               packed_ptr<const int32_t>(a, 5), a[6], a[7], a[8], a[9], a[10],
                               a[11], a[12], a[13], packed_ptr<float>(a, 14),
-                              static_cast<int>(a[15]));
+                              static_cast<int>(a[15]), a[16]);
 }
 
 }  // extern "C"

@@ -11,6 +11,12 @@
 // > 1) copy of its input, so the same loop computes it without im2col; place(q) drops the
 // columns of the padded rows that are no output (q % pitch >= row_len).
 //
+// Parts: each image's columns may come as `parts` parts of n columns, part t of image b read
+// at X + b*x_image + t*x_part and written at Y + b*y_image + t*y_part (the residual as Y).
+// That lets a conv read and write its activations in bands of whole rows (benchlib/sparse/
+// bands.py: per band, every channel's rows of the band, one after another), where one column
+// tile's strip of X is contiguous instead of one short run per channel plane.
+//
 // Register tiling over q as in XNNPACK's spmm: a tile of NV vectors of columns stays in
 // registers while the entries of one block row stream past (one broadcast of the weight, NV
 // loads, NV * R FMAs per entry), tiles outer and rows inner so the tile's strip of X stays in
@@ -94,6 +100,9 @@ struct Problem {
   const float* residual;  // null, or added before the ReLU: laid out as Y (direct form only)
   const int32_t* ksplit;  // null, or per column block the block_rows + 1 bounds of its rows
   int64_t kblocks;
+  int64_t parts;   // parts of n columns per image (see the top of this file)
+  int64_t x_part;  // floats between parts of X
+  int64_t y_part;  // floats between parts of Y (and of the residual)
 };
 
 // The vectors of a tile: vector v starts at column v * W. With a tail (a tile of cols not a
@@ -274,8 +283,9 @@ struct Table<R, 0> {
   static TileFn get(int, bool) { return nullptr; }
 };
 
-// Block rows [i0, i1) over the column tiles [u0, u1) of all images (unit u: image u / tiles,
-// tile u % tiles): tiles outer, rows inner, so a tile's strip of X serves every row.
+// Block rows [i0, i1) over the column tiles [u0, u1) of all images' parts (unit u: part
+// u / tiles, counted over the images, tile u % tiles): tiles outer, rows inner, so a tile's
+// strip of X serves every row.
 // rows_tmp: the calling thread's buffer for the partial sums of every row (column blocks in
 // the scatter form), grown as needed and kept across its claims.
 template <int R>
@@ -296,7 +306,8 @@ void block_rows(const Problem& p, int64_t i0, int64_t i1, int64_t u0, int64_t u1
   const int64_t last_cols = p.n - (tiles - 1) * TW;
   const bool borrow = NVMAX > 1 && tiles > 1 && last_cols < V::W;
   for (int64_t u = u0; u < u1; ++u) {
-    const int64_t b = u / tiles, t = u % tiles;
+    const int64_t part = u / tiles, t = u % tiles;
+    const int64_t b = part / p.parts, at = part % p.parts;
     int64_t q0 = t * TW, cols = std::min(TW, p.n - q0);
     if (borrow && t == tiles - 2) cols -= V::W;
     if (borrow && t == tiles - 1) {
@@ -306,9 +317,10 @@ void block_rows(const Problem& p, int64_t i0, int64_t i1, int64_t u0, int64_t u1
     const int nv = static_cast<int>((cols + V::W - 1) / V::W);
     const int rest = static_cast<int>(cols - (nv - 1) * V::W);  // columns in the last vector
     const Tail tail{V::mask(rest), cols - V::W};
-    const float* res = p.residual ? p.residual + b * p.y_image : nullptr;
-    Table<R, NVMAX>::get(nv, rest != V::W)(p, i0, i1, p.x + b * p.x_image, p.y + b * p.y_image,
-                                          res, q0, cols, tail, tmp, TW);
+    const int64_t y_at = b * p.y_image + at * p.y_part;
+    const float* res = p.residual ? p.residual + y_at : nullptr;
+    Table<R, NVMAX>::get(nv, rest != V::W)(p, i0, i1, p.x + b * p.x_image + at * p.x_part,
+                                          p.y + y_at, res, q0, cols, tail, tmp, TW);
   }
 }
 
@@ -414,8 +426,8 @@ void learn_weights(const Share* shares, int parts) {
 template <int R>
 void run_gather(const Problem& p, int threads) {
   constexpr int64_t TW = max_nv<R>() * V::W;
-  const int64_t units = p.images * ((p.n + TW - 1) / TW);
-  const int64_t work = (p.rowptr[p.block_rows] * R + p.block_rows) * p.n * p.images;
+  const int64_t units = p.images * p.parts * ((p.n + TW - 1) / TW);
+  const int64_t work = (p.rowptr[p.block_rows] * R + p.block_rows) * p.n * p.images * p.parts;
   if (work < kMinParallelWork) threads = 1;
   if (units >= kMinTilesPerThread * threads) {
     std::vector<std::vector<float>> buffers(static_cast<size_t>(threads));
@@ -589,18 +601,20 @@ int benchlib_split_weights(const float* write, float* read, int n) {
 // (null, or ignored when kblocks < 1) holds per block of columns the block_rows + 1 entry
 // bounds of its block rows, the entries (off, val) ordered block-major: entry j of row i lies
 // in block kb when ksplit[kb * (block_rows + 1) + i] <= j < ksplit[kb * (block_rows + 1) + i +
-// 1]; the blocks run outer over each tile.
+// 1]; the blocks run outer over each tile. parts (at least 1; 0 counts as 1) parts of n
+// columns per image, x_part and y_part floats apart (see the top of this file).
 int benchlib_spmm_gather(const int32_t* rowptr, const int32_t* off, const float* val,
                          const float* bias, int64_t block_rows, int64_t R, const float* x,
                          int64_t x_image, int64_t images, int64_t n, int64_t pitch,
                          int64_t row_len, float* y, int64_t y_image, int64_t ldy, int relu,
                          const float* residual, const int32_t* ksplit, int64_t kblocks,
-                         int threads) {
+                         int threads, int64_t parts, int64_t x_part, int64_t y_part) {
   if (residual && pitch != row_len) return 2;  // the residual is added in the direct form only
   if (kblocks < 1) ksplit = nullptr;
-  const Problem p{rowptr,  off,     val,  bias,      block_rows, x,      x_image,
-                  images,  n,       pitch, row_len,  y,          y_image, ldy,
-                  relu != 0, residual, ksplit, ksplit ? kblocks : 1};
+  const Problem p{rowptr,    off,      val,    bias,    block_rows,        x,
+                  x_image,   images,   n,      pitch,   row_len,           y,
+                  y_image,   ldy,      relu != 0, residual, ksplit,        ksplit ? kblocks : 1,
+                  std::max<int64_t>(1, parts), x_part, y_part};
   return dispatch<Gather>(R, p, threads);
 }
 
@@ -611,12 +625,12 @@ int benchlib_spmm_rows(const int32_t* rowptr, const int32_t* off, const float* v
                        int64_t x_image, int64_t images, float* y, int64_t y_image, int relu,
                        int threads) {
   const Problem p{rowptr, off, val, bias, block_rows, x, x_image, images, 1, 1, 1, y, y_image,
-                  1,      relu != 0, nullptr, nullptr, 1};
+                  1,      relu != 0, nullptr, nullptr, 1, 1, 0, 0};
   return dispatch<Rows>(R, p, threads);
 }
 
 // The two functions above with their arguments packed in one array, in the same order (see
-// packed_ptr): Python's ctypes converts one argument per call instead of 13 or 20, about
+// packed_ptr): Python's ctypes converts one argument per call instead of 13 or 23, about
 // 0.3-0.5 us each.
 int benchlib_spmm_gather_packed(const int64_t* a) {
   return benchlib_spmm_gather(packed_ptr<const int32_t>(a, 0), packed_ptr<const int32_t>(a, 1),
@@ -624,7 +638,8 @@ int benchlib_spmm_gather_packed(const int64_t* a) {
                               a[5], packed_ptr<const float>(a, 6), a[7], a[8], a[9], a[10],
                               a[11], packed_ptr<float>(a, 12), a[13], a[14],
                               static_cast<int>(a[15]), packed_ptr<const float>(a, 16),
-                              packed_ptr<const int32_t>(a, 17), a[18], static_cast<int>(a[19]));
+                              packed_ptr<const int32_t>(a, 17), a[18], static_cast<int>(a[19]),
+                              a[20], a[21], a[22]);
 }
 
 int benchlib_spmm_rows_packed(const int64_t* a) {

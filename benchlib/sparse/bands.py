@@ -1,0 +1,122 @@
+"""Activations in bands of rows inside a ``NativeChain`` (``chain.py``).
+
+An intermediate activation (N, C, H, W) of a chain may be stored in bands of ``rows`` whole
+rows: per image, per band, every channel's ``rows`` rows of it in turn, i.e. the tensor
+``(N, H / rows, C, rows * W)``. A 1x1 conv then reads, per band (one part of the gather
+kernel's columns, see ``native.Parts``), a contiguous strip of ``C * rows * W`` floats, where
+NCHW gives it one short run per channel plane, each in another page; and it writes its output
+band the same way. A conv whose source is a layout copy (padded or strided) reads a banded
+input through the copy (``COPY_BAND``) and can write a banded output as well, one band per
+part.
+
+Measured on the AVX2 EPYC (2 threads, in-process A/B, ResNet-50's 1x1 convs at their
+``magnitude:0.9`` densities, both sides banded / both NCHW): 56x56 in bands of one row (56
+floats) 0.82-0.85x the time; 28x28 in bands of two rows 0.94x (512 -> 128 and 512 -> 256), 0.81x
+(128 -> 512); but 14x14 in bands of 49 floats 0.98-1.11x, and bands of 112 floats at 28x28
+1.02x. A 3x3 conv writing banded output from its (NCHW) padded source: 0.97x (56x56, one row),
+0.98-1.02x (28x28). So bands are as wide as fit in ``BAND_FLOATS`` (a column tile of the
+kernels) and only where an image has at least ``BAND_MIN_PIXELS``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from benchlib.sparse.build import PackedCall
+from benchlib.sparse.modules import GatherKernel, SparseConv2d
+from benchlib.sparse.native import Parts
+
+BAND_FLOATS = 64
+"""At most this many floats per channel and band (the AVX2 kernels' column tile)."""
+BAND_MIN_PIXELS = 512
+"""Images of fewer pixels stay NCHW: 14x14 (196) ran no faster in bands (above)."""
+
+
+def band_rows(height: int, width: int) -> int | None:
+    """Rows per band for an activation of (height, width) pixels inside a chain: the most
+    whole rows that fit ``BAND_FLOATS`` and divide ``height``; None (NCHW) for an image under
+    ``BAND_MIN_PIXELS`` or a row wider than ``BAND_FLOATS``."""
+    if height * width < BAND_MIN_PIXELS or width > BAND_FLOATS:
+        return None
+    return max(r for r in range(1, height + 1) if height % r == 0 and r * width <= BAND_FLOATS)
+
+
+def to_bands(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """The NCHW ``x`` in bands of ``rows`` rows, as a contiguous (N, H / rows, C, rows * W)
+    tensor (for tests and for reading a chain's buffers)."""
+    n, c, h, w = x.shape
+    if rows < 1 or h % rows:
+        raise ValueError(f"bands of {rows} rows must divide the height {h}")
+    return x.reshape(n, c, h // rows, rows * w).transpose(1, 2).contiguous()
+
+
+def from_bands(banded: torch.Tensor, shape: tuple[int, int, int, int], rows: int) -> torch.Tensor:
+    """The NCHW tensor of ``shape`` that ``banded`` (any tensor of its floats, in bands of
+    ``rows`` rows) holds: the inverse of ``to_bands``."""
+    n, c, h, w = shape
+    if rows < 1 or h % rows:
+        raise ValueError(f"bands of {rows} rows must divide the height {h}")
+    bands = banded.reshape(n, h // rows, c, rows * w)
+    return bands.transpose(1, 2).reshape(n, c, h, w).contiguous()
+
+
+def banded_product(
+    layer: SparseConv2d,
+    shape: tuple[int, ...],
+    source_rows: int | None,
+    out_rows: int | None,
+) -> tuple[PackedCall, bool]:
+    """``layer``'s product on an input of (N, C, H, W) ``shape`` (its plan built) held in bands
+    of ``source_rows`` rows, for an output in bands of ``out_rows`` (None: NCHW), and whether
+    it can add a residual (laid out as its output). A layer that reads its input in place (a 1x1
+    conv, stride 1, no padding) takes bands on either side, one band per part; one that reads a
+    layout copy reads the copy (which reads the bands: ``COPY_BAND``) and writes one output band
+    per part. Raises ValueError where the bands do not divide the heights."""
+    n, _, h, w = shape
+    layout, offsets = layer.layout(h, w)
+    ksplit = layer.ksplit(h, w)
+    kernel: GatherKernel = layer.kernel  # type: ignore[assignment]
+    m, ho, wo = layer.out_channels, layout.out_h, layout.out_w
+    out_image = m * ho * wo
+    if layout.in_place:  # input and output of one size: a band of each per part
+        rows = out_rows or source_rows
+        if rows is None:
+            raise ValueError("an NCHW input and output take the layer's plan")
+        if h % rows:
+            raise ValueError(f"bands of {rows} rows must divide the height {h}")
+        band = rows * w
+        if source_rows is not None:
+            offsets = (kernel.col.long() * band).to(torch.int32)
+        parts = Parts(
+            count=h // rows,
+            source_step=band if source_rows is None else layout.channels * band,
+            out_step=band if out_rows is None else m * band,
+            out_row=ho * wo if out_rows is None else band,
+            out_image=out_image,
+        )
+        call = kernel.gather_call(offsets, layout.floats, n, band, w, w, layer.bias, ksplit, parts)
+        return call, True
+    if out_rows is None:
+        raise ValueError("a layer reading a layout copy into NCHW takes the layer's plan")
+    if ho % out_rows:
+        raise ValueError(f"bands of {out_rows} rows must divide the output height {ho}")
+    pitch = wo if out_rows == 1 else layout.pitch  # one row per part: no dropped columns
+    parts = Parts(
+        count=ho // out_rows,
+        source_step=out_rows * layout.pitch,
+        out_step=m * out_rows * wo,
+        out_row=out_rows * wo,
+        out_image=out_image,
+    )
+    columns = (out_rows - 1) * layout.pitch + wo
+    call = kernel.gather_call(
+        offsets, layout.floats, n, columns, pitch, wo, layer.bias, ksplit, parts
+    )
+    return call, pitch == wo
+
+
+def adds_residual(layer: SparseConv2d, shape: tuple[int, ...], out_rows: int) -> bool:
+    """Whether ``layer`` on an input of ``shape`` can add a residual to an output in bands of
+    ``out_rows`` rows (``banded_product``'s second answer, without building the call)."""
+    layout, _ = layer.layout(shape[2], shape[3])
+    return layout.in_place or out_rows == 1 or layout.pitch == layout.out_w

@@ -1,0 +1,234 @@
+"""``benchlib.sparse.bands``: activations in bands of rows inside a native chain."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from benchlib.harness.verify import relative_error
+from benchlib.sparse import NativeSparseMatrix, NativeUnavailable, load_library
+from benchlib.sparse.bands import (
+    adds_residual,
+    band_rows,
+    banded_product,
+    from_bands,
+    to_bands,
+)
+from benchlib.sparse.build import compiler
+from benchlib.sparse.direct import COPY_BAND, COPY_OUT, COPY_SOURCE, COPY_THREADS
+from benchlib.sparse.modules import SparseConv2d
+from benchlib.sparse.native import (
+    GATHER_OUT,
+    GATHER_RELU,
+    GATHER_RESIDUAL,
+    GATHER_SOURCE,
+    GATHER_THREADS,
+    Parts,
+)
+from tests.test_sparse_chain import chains, converted
+from tests.test_sparse_modules import sparsify_weight
+
+EXACT = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def native() -> None:
+    loaded = load_library()
+    if isinstance(loaded, NativeUnavailable):
+        if compiler() is None:
+            pytest.skip(f"no C++ compiler: {loaded.reason}")
+        pytest.fail(f"the native kernels did not build: {loaded.reason}")
+
+
+def test_bands_are_whole_rows_of_at_most_64_floats_in_large_images() -> None:
+    assert band_rows(56, 56) == 1  # ResNet-50's layer1
+    assert band_rows(28, 28) == 2  # layer2
+    assert band_rows(32, 32) == 2
+    assert band_rows(30, 20) == 3  # 60 floats; 3 divides 30
+    assert band_rows(64, 64) == 1
+    assert band_rows(14, 14) is None  # 196 pixels: NCHW
+    assert band_rows(16, 32) == 2  # 512 pixels: 8 bands
+    assert band_rows(15, 32) is None  # 480 pixels
+    assert band_rows(100, 100) is None  # a row wider than a band
+    assert band_rows(600, 1) == 60  # the most rows that fit and divide 600
+
+
+def test_to_bands_and_back() -> None:
+    x = torch.randn(2, 3, 6, 5)
+    banded = to_bands(x, 2)
+    assert banded.shape == (2, 3, 3, 10)
+    assert torch.equal(banded[1, 2, 0], x[1, 0, 4:6].reshape(-1))  # band 2, channel 0
+    assert torch.equal(from_bands(banded.reshape(-1), (2, 3, 6, 5), 2), x)
+    with pytest.raises(ValueError, match="bands of 4 rows must divide the height 6"):
+        to_bands(x, 4)
+
+
+def sparse_conv(cin: int, cout: int, kernel: int, stride: int, seed: int) -> SparseConv2d:
+    conv = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, dilation=1)
+    sparsify_weight(conv, 0.6, seed, "row" if seed % 3 == 0 else "none")
+    with torch.no_grad():
+        conv.bias.uniform_(-1, 1)
+    layer = SparseConv2d.from_dense(conv, NativeSparseMatrix)
+    layer.relu = seed % 2 == 0
+    return layer
+
+
+def run_banded(
+    layer: SparseConv2d,
+    x: torch.Tensor,
+    source_rows: int | None,
+    out_rows: int | None,
+    residual: torch.Tensor | None,
+    threads: int,
+) -> torch.Tensor:
+    """``layer`` on ``x`` by ``banded_product`` (and its copy reading the bands), NCHW out."""
+    plan = layer.gather_plan(x)
+    assert plan is not None
+    product, _ = banded_product(layer, x.shape, source_rows, out_rows)
+    source = x if source_rows is None else to_bands(x, source_rows)
+    if plan.copy is not None:
+        copy_call = plan.copy.copy()
+        scratch = x.new_empty(x.shape[0], plan.source_floats)
+        copy_call[COPY_SOURCE], copy_call[COPY_OUT] = source.data_ptr(), scratch.data_ptr()
+        copy_call[COPY_BAND], copy_call[COPY_THREADS] = source_rows or 0, threads
+        assert copy_call() == 0
+        source = scratch
+    out = torch.full(plan.out_shape, float("nan"))
+    if residual is not None and out_rows is not None:
+        residual = to_bands(residual, out_rows)
+    product[GATHER_SOURCE], product[GATHER_OUT] = source.data_ptr(), out.data_ptr()
+    product[GATHER_RELU], product[GATHER_THREADS] = int(layer.relu), threads
+    product[GATHER_RESIDUAL] = 0 if residual is None else residual.data_ptr()
+    assert product() == 0
+    return out if out_rows is None else from_bands(out, plan.out_shape, out_rows)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    kernel=st.sampled_from([1, 3]),
+    stride=st.sampled_from([1, 2]),
+    height=st.integers(2, 12),
+    width=st.integers(1, 9),
+    batch=st.integers(1, 2),
+    pick=st.tuples(st.integers(0, 5), st.integers(0, 5)),
+    residual=st.booleans(),
+    threads=st.sampled_from([1, 2]),
+    seed=st.integers(0, 50),
+)
+def test_a_banded_product_equals_the_layer(
+    kernel: int,
+    stride: int,
+    height: int,
+    width: int,
+    batch: int,
+    pick: tuple[int, int],
+    residual: bool,
+    threads: int,
+    seed: int,
+) -> None:
+    """Every combination of NCHW and banded input and output, bands of any height dividing
+    the image's, batches of 1 and 2, 1x1 and 3x3 convs at stride 1 and 2: the same values as
+    the layer's own (NCHW) forward, residual included where the layer can add it."""
+    torch.manual_seed(seed)
+    layer = sparse_conv(5, 7, kernel, stride, seed)
+    x = torch.randn(batch, 5, height, width)
+    out_h, out_w = layer.output_size(height, width)
+    in_place = kernel == 1 and stride == 1
+    source_options = [None, *(r for r in range(1, height + 1) if height % r == 0)]
+    out_options = [None, *(r for r in range(1, out_h + 1) if out_h % r == 0)]
+    if in_place:  # one size: the same bands on either side (or NCHW)
+        source_rows = source_options[pick[0] % len(source_options)]
+        out_rows = out_options[pick[1] % len(out_options)]
+        if source_rows is not None and out_rows is not None:
+            out_rows = source_rows
+        if source_rows is None and out_rows is None:
+            out_rows = out_options[-1]
+    else:
+        source_rows = source_options[pick[0] % len(source_options)]
+        out_rows = out_options[1 + pick[1] % (len(out_options) - 1)]
+    adds = adds_residual(layer, x.shape, out_rows or out_h)
+    extra = torch.randn(batch, 7, out_h, out_w) if residual and adds else None
+    with torch.inference_mode():
+        expected = layer(x, extra)
+    got = run_banded(layer, x, source_rows, out_rows, extra, threads)
+    assert relative_error(got, expected) <= EXACT
+
+
+def test_a_3x3_conv_in_bands_of_one_row_adds_a_residual_and_of_two_does_not() -> None:
+    layer = sparse_conv(4, 4, 3, 1, 1)
+    x = torch.randn(1, 4, 8, 8)
+    layer(x)
+    _, one = banded_product(layer, (1, 4, 8, 8), None, 1)
+    _, two = banded_product(layer, (1, 4, 8, 8), None, 2)
+    assert one and not two
+    assert adds_residual(layer, (1, 4, 8, 8), 1) and not adds_residual(layer, (1, 4, 8, 8), 2)
+
+
+def test_parts_that_leave_the_image_are_refused() -> None:
+    kernel = NativeSparseMatrix(torch.eye(4))
+    offsets = (kernel.col * 8).to(torch.int32)
+    ok = Parts(count=4, source_step=32, out_step=32, out_row=8, out_image=128)
+    kernel.gather_call(offsets, 128, 1, 8, 8, 8, None, parts=ok)
+    for bad in (
+        Parts(count=5, source_step=32, out_step=32, out_row=8, out_image=128),  # reads past
+        Parts(count=4, source_step=32, out_step=33, out_row=8, out_image=128),  # writes past
+        Parts(count=4, source_step=32, out_step=32, out_row=4, out_image=128),  # rows overlap
+    ):
+        with pytest.raises(ValueError, match="gather parts do not fit"):
+            kernel.gather_call(offsets, 128, 1, 8, 8, 8, None, parts=bad)
+
+
+def test_a_chain_at_32x32_runs_its_layers_in_bands_and_equals_the_model() -> None:
+    """ResNet bottlenecks at 32x32 (bands of two rows) then 16x16 (NCHW), batches 1 and 2:
+    the chain keeps its output and the head's input NCHW, and equals the model."""
+    from tests.test_sparse_chain import bottleneck_net
+
+    model = bottleneck_net()
+    graph = converted(copy.deepcopy(model))
+    [chain] = chains(graph)
+    for batch in (1, 2):
+        x = torch.randn(batch, 3, 128, 128)
+        with torch.inference_mode():
+            expected = model(x)
+            for _ in range(2):
+                assert relative_error(graph(x), expected) <= EXACT
+        binding = chain._bindings[(batch, 64, 32, 32)]
+        # layer1 and layer2's first 1x1 conv write 32x32 outputs, the rest 16x16 or less
+        assert binding.bands == [2] * 5 + [None] * 14
+    assert chain.banded_layers() == 5
+
+
+class ResidualFromInput(nn.Module):
+    """A block whose residual is the chain's input (NCHW), then one whose residual is a
+    layer inside the chain, then a last layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)  # the first conv stays dense
+        self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.c, self.d, self.e = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = torch.relu(self.b(torch.relu(self.a(x))) + x)
+        z = torch.relu(self.c(y))
+        return self.e(torch.relu(self.d(z) + z))
+
+
+def test_a_residual_and_the_output_it_joins_share_one_layout() -> None:
+    model = ResidualFromInput().eval()
+    for index, layer in enumerate((model.a, model.b, model.c, model.d, model.e)):
+        sparsify_weight(layer, 0.7, index, "none")
+    graph = converted(model)
+    [chain] = chains(graph)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        for _ in range(2):
+            assert relative_error(graph(x), model(x)) <= EXACT
+    # a: bands; b adds the chain's (NCHW) input: NCHW; c, d (adds c's output): bands; e: last
+    assert chain._bindings[(1, 8, 32, 32)].bands == [2, None, 2, 2, None]
