@@ -162,10 +162,18 @@ class CpuSparse:
         dense = dict(model.named_modules())
         converted, layers = sparsify(model, self.threshold, in_place=True)
         if self.timed:
-            fused = (
-                epilogues(converted) if self.fuse and isinstance(converted, fx.GraphModule) else {}
+            graph = converted if self.fuse and isinstance(converted, fx.GraphModule) else None
+            fused = epilogues(graph) if graph is not None else {}
+            chainable = set()  # native convs of a fused graph: a chain may run each (timed so)
+            if graph is not None:
+                chainable = {
+                    name
+                    for name, m in graph.named_modules()
+                    if isinstance(m, SparseConv2d) and m.gathers
+                }
+            layers = keep_faster(
+                converted, layers, dense, inputs, epilogues=fused, chained=chainable
             )
-            layers = keep_faster(converted, layers, dense, inputs, epilogues=fused)
         if self.fuse and isinstance(converted, fx.GraphModule):
             fusion["residual_fused"] = fuse_residual(converted)
             fusion["relu_fused"] = fuse_relu(converted)

@@ -13,6 +13,7 @@ from torch import nn
 from benchlib.harness.verify import relative_error
 from benchlib.sparse import NativeSparseMatrix, NativeUnavailable, load_library
 from benchlib.sparse.bands import (
+    ChainedConv,
     adds_residual,
     band_rows,
     banded_product,
@@ -232,3 +233,52 @@ def test_a_residual_and_the_output_it_joins_share_one_layout() -> None:
             assert relative_error(graph(x), model(x)) <= EXACT
     # a: bands; b adds the chain's (NCHW) input: NCHW; c, d (adds c's output): bands; e: last
     assert chain._bindings[(1, 8, 32, 32)].bands == [2, None, 2, 2, None]
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "residual"), [(1, 1, True), (3, 1, False), (3, 2, False)]
+)
+def test_a_chained_conv_twin_computes_the_layer_in_bands(
+    kernel: int, stride: int, residual: bool
+) -> None:
+    """``ChainedConv`` (what ``keep_faster`` times for a chained layer): input and output in
+    the bands of their sizes (32x32: two rows; 16x16: NCHW), the same values as the layer."""
+    layer = sparse_conv(6, 5, kernel, stride, 4)
+    x = torch.randn(1, 6, 32, 32)
+    out_size = 32 // stride
+    extra = torch.randn(1, 5, out_size, out_size) if residual else None
+    with torch.inference_mode():
+        expected = layer(x, extra)
+        twin = ChainedConv(layer, x, extra, layer.relu)
+        for _ in range(2):
+            twin(x)
+    assert twin.out_rows == band_rows(out_size, out_size)
+    assert relative_error(twin.nchw(), expected) <= EXACT
+    with pytest.raises(ValueError, match="runs on the input it was built for"):
+        twin(x.clone())
+
+
+def test_keep_faster_times_a_chained_layer_as_the_chain_runs_it() -> None:
+    from benchlib.sparse import sparsify
+    from benchlib.sparse.tune import keep_faster
+
+    model = nn.Sequential(nn.Conv2d(4, 8, 1), nn.Conv2d(8, 8, 3, padding=1)).eval()
+    for index, layer in enumerate(model):
+        sparsify_weight(layer, 0.8, index, "none")
+    dense = dict(model.named_modules())
+    converted, reports = sparsify(copy.deepcopy(model), 1.0, NativeSparseMatrix)
+    timed: dict[str, type] = {}
+
+    def compare(sparse: nn.Module, dense_side: nn.Module, x: torch.Tensor) -> tuple[float, float]:
+        name = "0" if x.shape[1] == 4 else "1"
+        timed[name] = type(sparse)
+        with torch.inference_mode():
+            sparse(x)
+        return 1.0, 2.0
+
+    updated = keep_faster(
+        converted, reports, dense, (torch.randn(1, 4, 32, 32),), compare, chained={"1"}
+    )
+    assert timed == {"0": SparseConv2d, "1": ChainedConv}
+    assert updated[1].reason.endswith("on (1, 8, 32, 32), sparse as chained")
+    assert not updated[0].reason.endswith("sparse as chained")

@@ -21,10 +21,19 @@ kernels) and only where an image has at least ``BAND_MIN_PIXELS``.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from benchlib.sparse.build import PackedCall
+from benchlib.sparse.direct import COPY_BAND, COPY_OUT, COPY_SOURCE, COPY_THREADS
 from benchlib.sparse.modules import GatherKernel, SparseConv2d
-from benchlib.sparse.native import Parts
+from benchlib.sparse.native import (
+    GATHER_OUT,
+    GATHER_RELU,
+    GATHER_RESIDUAL,
+    GATHER_SOURCE,
+    GATHER_THREADS,
+    Parts,
+)
 
 BAND_FLOATS = 64
 """At most this many floats per channel and band (the AVX2 kernels' column tile)."""
@@ -120,3 +129,74 @@ def adds_residual(layer: SparseConv2d, shape: tuple[int, ...], out_rows: int) ->
     ``out_rows`` rows (``banded_product``'s second answer, without building the call)."""
     layout, _ = layer.layout(shape[2], shape[3])
     return layout.in_place or out_rows == 1 or layout.pitch == layout.out_w
+
+
+class ChainedConv(nn.Module):
+    """``layer`` as a ``NativeChain`` runs it on ``x``, to be timed (``tune.keep_faster``):
+    its input and its output in the bands ``band_rows`` gives their sizes (NCHW where it gives
+    none), the layout copy reading the bands, fixed buffers, and nothing allocated per call.
+    With ``residual`` (N, M, Ho, Wo) the layer adds it (its output then NCHW where it cannot
+    add it to bands); ``relu`` applies the ReLU after.
+
+    ``forward`` runs on the ``x`` it was built for (another tensor raises ValueError) and
+    returns the output buffer as it lies (``nchw`` gives the NCHW tensor). Raises ValueError
+    where the layer has no native plan for ``x``."""
+
+    def __init__(
+        self,
+        layer: SparseConv2d,
+        x: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        relu: bool = False,
+    ) -> None:
+        super().__init__()
+        plan = layer.gather_plan(x)
+        if plan is None:
+            raise ValueError(f"{layer} has no native plan for a {tuple(x.shape)} input")
+        self.x = x
+        source_rows, out_rows = band_rows(*x.shape[2:]), band_rows(*plan.out_shape[2:])
+        if out_rows is not None and residual is not None:
+            out_rows = out_rows if adds_residual(layer, x.shape, out_rows) else None
+        if out_rows is None and (plan.copy is not None or source_rows is None):
+            self.product = plan.product.copy()
+        else:
+            self.product, _ = banded_product(layer, x.shape, source_rows, out_rows)
+        self.out_shape, self.out_rows = plan.out_shape, out_rows
+        source = x.contiguous() if source_rows is None else to_bands(x, source_rows)
+        self.buffers_ = [source]  # what the calls' addresses point into
+        self.copy: PackedCall | None = None
+        if plan.copy is not None:
+            self.copy = plan.copy.copy()
+            scratch = x.new_empty(x.shape[0], plan.source_floats)
+            self.copy[COPY_SOURCE], self.copy[COPY_OUT] = source.data_ptr(), scratch.data_ptr()
+            self.copy[COPY_BAND] = source_rows or 0
+            self.buffers_.append(scratch)
+            source = scratch
+        self.out = x.new_empty(plan.out_shape)
+        if residual is not None:
+            residual = residual.contiguous() if out_rows is None else to_bands(residual, out_rows)
+            self.buffers_.append(residual)
+        self.product[GATHER_SOURCE], self.product[GATHER_OUT] = (
+            source.data_ptr(),
+            self.out.data_ptr(),
+        )
+        self.product[GATHER_RELU] = int(relu)
+        self.product[GATHER_RESIDUAL] = 0 if residual is None else residual.data_ptr()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x is not self.x:
+            raise ValueError("a ChainedConv runs on the input it was built for")
+        threads = torch.get_num_threads()
+        if self.copy is not None:
+            self.copy[COPY_THREADS] = threads
+            self.copy()
+        self.product[GATHER_THREADS] = threads
+        if self.product():
+            raise ValueError("the native kernel refused its operands")
+        return self.out
+
+    def nchw(self) -> torch.Tensor:
+        """The last output as an NCHW tensor."""
+        if self.out_rows is None:
+            return self.out
+        return from_bands(self.out, self.out_shape, self.out_rows)

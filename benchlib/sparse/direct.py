@@ -166,7 +166,8 @@ class ConvLayout:
     def copy_call(self, images: int) -> PackedCall:
         """The native copy of ``source`` for ``images`` images as a ``PackedCall``: per call
         the caller sets ``COPY_SOURCE`` (a contiguous fp32 NCHW input of this layout's size),
-        ``COPY_OUT`` (an (images, floats) fp32 buffer) and ``COPY_THREADS``. Raises
+        ``COPY_OUT`` (an (images, floats) fp32 buffer) and ``COPY_THREADS``, and may set
+        ``COPY_BAND`` (the input then in bands of that many rows, ``bands.py``). Raises
         RuntimeError where the native kernels are unavailable."""
         loaded = load_library()
         if not isinstance(loaded, NativeLibrary):

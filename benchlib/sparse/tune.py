@@ -25,21 +25,30 @@ timings averaged, so a layer goes dense only on two looks: on this shared VM a l
 break-even otherwise flipped between runs (ResNet-50 ``magnitude:0.9``'s 1x1 convs of density
 0.6-0.7 went dense in slow minutes, 2 of them in one run at 2026-12-03 10:20 UTC, and each one
 cut the native chain in two and ran through PyTorch's slower dense conv).
+
+A native conv that the fusions will run in a ``NativeChain`` is timed as the chain runs it
+(``bands.ChainedConv``: its activations in bands of rows, no tensor allocated per call): timed
+alone through its module, the same layers ran 1.15-1.2x the time of their chained selves
+(bands: 0.79-0.87x on ResNet-50's 1x1 convs at 56x56, and 15-25 us a call of Python), and in
+a slow phase at 2026-12-03 13:50 UTC two of ResNet-50's 1x1 convs near density 0.6, 1.16-1.27x
+faster sparse alone in calm minutes, went dense again on both looks.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
+from benchlib.sparse.bands import ChainedConv
 from benchlib.sparse.convert import LayerReport
 from benchlib.sparse.fuse import Epilogue
+from benchlib.sparse.modules import SparseConv2d
 
 Compare = Callable[[nn.Module, nn.Module, torch.Tensor], tuple[float, float]]
 """Seconds per call of two layers on one input, (first, second): ``interleaved_seconds``."""
@@ -122,16 +131,26 @@ class _DenseThenEpilogue(nn.Module):
 
 
 def _timed(
-    compare: Compare, layer: nn.Module, dense: nn.Module, x: torch.Tensor, epilogue: Epilogue
+    compare: Compare,
+    layer: nn.Module,
+    dense: nn.Module,
+    x: torch.Tensor,
+    epilogue: Epilogue,
+    chained: bool = False,
 ) -> tuple[float, float]:
     """Seconds per call of the sparse ``layer`` and of ``dense`` on ``x``, each with the
-    ``epilogue`` as it will run (the sparse layer's ``relu`` is set only while timed)."""
-    if not epilogue:
-        return compare(layer, dense, x)
+    ``epilogue`` as it will run (the sparse layer's ``relu`` is set only while timed); a
+    ``chained`` native conv as a chain runs it (``bands.ChainedConv``)."""
     residual = None
     if epilogue.residual:
         with torch.inference_mode():
             residual = torch.randn_like(dense(x))
+    if chained and isinstance(layer, SparseConv2d) and layer.gather_plan(x) is not None:
+        with torch.inference_mode():
+            twin = ChainedConv(layer, x, residual, epilogue.relu)
+        return compare(twin, _DenseThenEpilogue(dense, residual, epilogue.relu), x)
+    if not epilogue:
+        return compare(layer, dense, x)
     relu = bool(getattr(layer, "relu", False))
     setattr(layer, "relu", epilogue.relu)  # noqa: B010 - a plain flag of SparseConv2d / Linear
     try:
@@ -151,6 +170,7 @@ def keep_faster(
     inputs: tuple[Any, ...],
     compare: Compare = interleaved_seconds,
     epilogues: Mapping[str, Epilogue] | None = None,
+    chained: Collection[str] = frozenset(),
 ) -> list[LayerReport]:
     """Swap back into ``model`` (in place) the dense layer of every sparse one that is not
     faster on its real input; returns the reports, updated for the layers swapped back (and
@@ -158,8 +178,10 @@ def keep_faster(
 
     ``dense`` maps a sparse layer's name to its dense original; ``inputs`` are the model's;
     ``epilogues`` (``fuse.epilogues``) what the fusions will fold into a layer: both sides are
-    timed with it. A layer that looks slower sparse, or within ``TIE`` of dense, is timed
-    twice. A layer that receives no tensor in that pass keeps its density decision.
+    timed with it; ``chained`` names the native convs the fusions will run in a
+    ``NativeChain``: each is timed as the chain runs it (``bands.ChainedConv``). A layer that
+    looks slower sparse, or within ``TIE`` of dense, is timed twice. A layer that receives no
+    tensor in that pass keeps its density decision.
     """
     sparse = {r.name for r in reports if r.sparse and r.name in dense and r.name}
     seen = _inputs(model, sparse, inputs)
@@ -171,12 +193,14 @@ def keep_faster(
             continue
         layer = model.get_submodule(report.name)
         epilogue = (epilogues or {}).get(report.name, Epilogue())
-        sparse_s, dense_s = _timed(compare, layer, dense[report.name], x, epilogue)
+        in_chain = report.name in chained
+        sparse_s, dense_s = _timed(compare, layer, dense[report.name], x, epilogue, in_chain)
         if dense_s <= TIE * sparse_s:  # close, or dense looks faster: a second look
-            again = _timed(compare, layer, dense[report.name], x, epilogue)
+            again = _timed(compare, layer, dense[report.name], x, epilogue, in_chain)
             sparse_s, dense_s = (sparse_s + again[0]) / 2, (dense_s + again[1]) / 2
         timing = f"{report.kernel} {sparse_s * 1e3:.3g} ms vs dense {dense_s * 1e3:.3g} ms"
         where = f"on {tuple(x.shape)}" + (f", each with the {epilogue} after" if epilogue else "")
+        where += ", sparse as chained" if in_chain else ""
         if sparse_s < dense_s:
             updated.append(replace(report, reason=f"{report.reason}; {timing} {where}"))
             continue
