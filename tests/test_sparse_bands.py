@@ -69,12 +69,15 @@ def test_to_bands_and_back() -> None:
         to_bands(x, 4)
 
 
-def sparse_conv(cin: int, cout: int, kernel: int, stride: int, seed: int) -> SparseConv2d:
-    conv = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, dilation=1)
+def sparse_conv(
+    cin: int, cout: int, kernel: int, stride: int, seed: int, groups: int = 1, block: int = 1
+) -> SparseConv2d:
+    """A sparse conv with a bias, its ReLU set for even seeds, in blocks of ``block`` rows."""
+    conv = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups)
     sparsify_weight(conv, 0.6, seed, "row" if seed % 3 == 0 else "none")
     with torch.no_grad():
         conv.bias.uniform_(-1, 1)
-    layer = SparseConv2d.from_dense(conv, NativeSparseMatrix)
+    layer = SparseConv2d.from_dense(conv, lambda w: NativeSparseMatrix(w, block))
     layer.relu = seed % 2 == 0
     return layer
 
@@ -120,6 +123,8 @@ def run_banded(
     residual=st.booleans(),
     threads=st.sampled_from([1, 2]),
     seed=st.integers(0, 50),
+    groups=st.sampled_from([1, 2]),
+    block=st.sampled_from([1, 2, 4]),
 )
 def test_a_banded_product_equals_the_layer(
     kernel: int,
@@ -131,13 +136,16 @@ def test_a_banded_product_equals_the_layer(
     residual: bool,
     threads: int,
     seed: int,
+    groups: int,
+    block: int,
 ) -> None:
     """Every combination of NCHW and banded input and output, bands of any height dividing
-    the image's, batches of 1 and 2, 1x1 and 3x3 convs at stride 1 and 2: the same values as
-    the layer's own (NCHW) forward, residual included where the layer can add it."""
+    the image's, batches of 1 and 2, 1x1 and 3x3 convs at stride 1 and 2, grouped or not,
+    CSR and 2x1 / 4x1 blocks: the same values as the layer's own (NCHW) forward, residual
+    included where the layer can add it."""
     torch.manual_seed(seed)
-    layer = sparse_conv(5, 7, kernel, stride, seed)
-    x = torch.randn(batch, 5, height, width)
+    layer = sparse_conv(6, 8, kernel, stride, seed, groups, block)
+    x = torch.randn(batch, 6, height, width)
     out_h, out_w = layer.output_size(height, width)
     in_place = kernel == 1 and stride == 1
     source_options = [None, *(r for r in range(1, height + 1) if height % r == 0)]
@@ -153,7 +161,7 @@ def test_a_banded_product_equals_the_layer(
         source_rows = source_options[pick[0] % len(source_options)]
         out_rows = out_options[1 + pick[1] % (len(out_options) - 1)]
     adds = adds_residual(layer, x.shape, out_rows or out_h)
-    extra = torch.randn(batch, 7, out_h, out_w) if residual and adds else None
+    extra = torch.randn(batch, 8, out_h, out_w) if residual and adds else None
     with torch.inference_mode():
         expected = layer(x, extra)
     got = run_banded(layer, x, source_rows, out_rows, extra, threads)
