@@ -27,11 +27,13 @@ break-even otherwise flipped between runs (ResNet-50 ``magnitude:0.9``'s 1x1 con
 cut the native chain in two and ran through PyTorch's slower dense conv).
 
 A native conv that the fusions will run in a ``NativeChain`` is timed as the chain runs it
-(``bands.ChainedConv``: its activations in bands of rows, no tensor allocated per call): timed
-alone through its module, the same layers ran 1.15-1.2x the time of their chained selves
-(bands: 0.79-0.87x on ResNet-50's 1x1 convs at 56x56, and 15-25 us a call of Python), and in
-a slow phase at 2026-12-03 13:50 UTC two of ResNet-50's 1x1 convs near density 0.6, 1.16-1.27x
-faster sparse alone in calm minutes, went dense again on both looks.
+(``bands.ChainedConv``: its activations in bands of rows, no tensor allocated per call). Timed
+alone through its module, a layer misses what the chain gives it: the bands (ResNet-50's 1x1
+convs at 56x56 and 28x28 took 0.79-0.93x the time in them, per step in the chain) and 15-25 us
+of Python a call. So timed, in a slow phase at 2026-12-03 12:54 UTC, two of ResNet-50's 1x1
+convs near density 0.6 (1.16-1.27x faster sparse alone in calm minutes) went dense again on
+both looks; timed as chained, three preparations in a row kept every layer sparse, the closest
+call 1.28x faster sparse.
 """
 
 from __future__ import annotations
