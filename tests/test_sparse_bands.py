@@ -290,3 +290,33 @@ def test_keep_faster_times_a_chained_layer_as_the_chain_runs_it() -> None:
     assert timed == {"0": SparseConv2d, "1": ChainedConv}
     assert updated[1].reason.endswith("on (1, 8, 32, 32), sparse as chained")
     assert not updated[0].reason.endswith("sparse as chained")
+
+
+def test_column_blocked_calls_share_one_block_major_copy_of_the_values() -> None:
+    """The chain's banded products read the same block-major values as the layers' plans,
+    and a gather after an in-place change of the values uses the new ones."""
+    from tests.test_sparse_chain import bottleneck_net
+
+    graph = converted(bottleneck_net())
+    [chain] = chains(graph)
+    with torch.inference_mode():
+        graph(torch.randn(1, 3, 128, 128))
+    binding = chain._bindings[(1, 64, 32, 32)]
+    products = [call for kind, call in binding.calls if kind == 0]
+    blocked = 0
+    for layer, call, rows in zip(chain.layers, products, binding.bands, strict=True):
+        [plan] = layer._plans.values()
+        assert call[2] == plan.product[2]  # the values' address
+        blocked += rows is not None and plan.product[17] != 0  # a banded, column-blocked one
+    assert blocked >= 1
+    torch.manual_seed(0)
+    kernel = NativeSparseMatrix(torch.randn(6, 40) * (torch.rand(6, 40) < 0.5))
+    ksplit = kernel.k_split(8)
+    source = torch.randn(1, 40 * 3)
+    offsets = (kernel.col * 3).to(torch.int32)
+    first, second = torch.empty(1, 6, 3), torch.empty(1, 6, 3)
+    kernel.gather(source, offsets, 3, 3, 3, first, None, ksplit=ksplit)
+    with torch.no_grad():
+        kernel.values.mul_(2)
+    kernel.gather(source, offsets, 3, 3, 3, second, None, ksplit=ksplit)
+    assert torch.allclose(second, 2 * first, rtol=1e-5, atol=1e-6)

@@ -95,7 +95,7 @@ def banded_product(
             raise ValueError(f"bands of {rows} rows must divide the height {h}")
         band = rows * w
         if source_rows is not None:
-            offsets = (kernel.col.long() * band).to(torch.int32)
+            offsets = layer.band_offsets(band)
         parts = Parts(
             count=h // rows,
             source_step=band if source_rows is None else layout.channels * band,

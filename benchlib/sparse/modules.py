@@ -328,6 +328,7 @@ class SparseConv2d(nn.Module):
         self.relu = False
         self._layouts: dict[tuple[int, int], tuple[ConvLayout, torch.Tensor]] = {}
         self._ksplits: dict[tuple[int, int], ColumnBlocks | None] = {}
+        self._band_offsets: dict[int, torch.Tensor] = {}
         self._plans: dict[tuple[int, ...], GatherPlan] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -381,9 +382,9 @@ class SparseConv2d(nn.Module):
 
     def plan_bytes(self) -> int:
         """Bytes the layer's native plans hold beside its kernel's tensors and its bias: the
-        entry offsets per input size, the column blocks, and the block-major copies of the
-        entries that a column-blocked product reads instead of the kernel's own (0 before the
-        first native call, or where none runs)."""
+        entry offsets per input size (and per band width, for a chain's bands), the column
+        blocks, and the block-major copies of the entries that a column-blocked product reads
+        instead of the kernel's own (0 before the first native call, or where none runs)."""
         kernel = self.kernel
         kernel_tensors = list(kernel.buffers()) if isinstance(kernel, nn.Module) else []
         own = {t.data_ptr() for t in (*kernel_tensors, *self.buffers())}
@@ -398,6 +399,8 @@ class SparseConv2d(nn.Module):
                 held[value.data_ptr()] = max(held.get(value.data_ptr(), 0), bytes_)
 
         for _, offsets in self._layouts.values():
+            hold(offsets)
+        for offsets in self._band_offsets.values():
             hold(offsets)
         for blocks in self._ksplits.values():
             hold(blocks)
@@ -430,6 +433,17 @@ class SparseConv2d(nn.Module):
                 and aligned_copy_pays(),
             )
             cached = self._layouts[key] = (layout, layout.entry_offsets(kernel.col))
+        return cached
+
+    def band_offsets(self, band: int) -> torch.Tensor:
+        """The kernel's entry offsets where a 1x1 conv reads its input in bands of ``band``
+        floats per channel (``bands.py``): the entry's input channel times ``band`` (built once
+        per band)."""
+        cached = self._band_offsets.get(band)
+        if cached is None:
+            kernel: GatherKernel = self.kernel  # type: ignore[assignment]
+            cached = (kernel.col.long() * band).to(torch.int32)
+            self._band_offsets[band] = cached
         return cached
 
     def ksplit(self, height: int, width: int) -> ColumnBlocks | None:

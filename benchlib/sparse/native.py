@@ -129,6 +129,10 @@ class NativeSparseMatrix(nn.Module):
         self.register_buffer("values", blocks[block_row, :, col].contiguous())  # (entries, R)
         self._batch_offsets: dict[int, torch.Tensor] = {}
         self._k_splits: dict[int, ColumnBlocks] = {}
+        # per column block width: the values it was made of (the tensor and its version, -1
+        # for an inference tensor, which has none) and their block-major copy, which every
+        # gather call with that ksplit shares
+        self._block_values: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
         self._row_calls: dict[int, PackedCall] = {}  # per batch size
         self._row_lock = threading.Lock()
 
@@ -141,6 +145,7 @@ class NativeSparseMatrix(nn.Module):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # type: ignore[no-untyped-call]
         self._row_lock = threading.Lock()
+        self.__dict__.setdefault("_block_values", {})
 
     @property
     def entries(self) -> int:
@@ -385,8 +390,15 @@ class NativeSparseMatrix(nn.Module):
     def _block_major(
         self, offsets: torch.Tensor, ksplit: ColumnBlocks
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``offsets`` and the values in ``ksplit``'s block-major entry order."""
-        return offsets[ksplit.order].contiguous(), self.values[ksplit.order].contiguous()
+        """``offsets`` and the values in ``ksplit``'s block-major entry order (the values'
+        copy made once per column block width and state of the values tensor, and shared)."""
+        values = self.values
+        version = -1 if values.is_inference() else values._version  # inference: untracked
+        cached = self._block_values.get(ksplit.width)
+        if cached is None or cached[0] is not values or cached[1] != version:
+            cached = (values, version, values[ksplit.order].contiguous())
+            self._block_values[ksplit.width] = cached
+        return offsets[ksplit.order].contiguous(), cached[2]
 
     def k_split(self, block_columns: int) -> ColumnBlocks:
         """The matrix's columns in blocks of ``block_columns`` for ``gather``'s ``ksplit``
