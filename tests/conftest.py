@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny models that run in milliseconds."""
+"""Shared fixtures: tiny models that run in milliseconds, and the native sparse kernels."""
 
 from __future__ import annotations
 
@@ -24,6 +24,21 @@ class TinyNet(nn.Module):
         x = torch.relu(self.bn1(self.conv1(x)))
         x = torch.relu(self.conv2(x))
         return self.fc(torch.flatten(self.pool(x), 1))
+
+
+@pytest.fixture(scope="session")
+def native_kernels() -> None:
+    """Build (or load) benchlib's native sparse kernels once; skip only where there is no
+    compiler at all: with a compiler, a failing build fails the tests. A module of native
+    tests asks for it with ``pytestmark = pytest.mark.usefixtures("native_kernels")``."""
+    from benchlib.sparse import NativeUnavailable, load_library
+    from benchlib.sparse.build import compiler
+
+    loaded = load_library()
+    if isinstance(loaded, NativeUnavailable):
+        if compiler() is None:
+            pytest.skip(f"no C++ compiler: {loaded.reason}")
+        pytest.fail(f"the native kernels did not build: {loaded.reason}")
 
 
 @pytest.fixture

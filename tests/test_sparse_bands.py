@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from benchlib.harness.verify import relative_error
-from benchlib.sparse import NativeSparseMatrix, NativeUnavailable, load_library
+from benchlib.sparse import NativeSparseMatrix
 from benchlib.sparse.bands import (
     ChainedConv,
     adds_residual,
@@ -20,7 +20,6 @@ from benchlib.sparse.bands import (
     from_bands,
     to_bands,
 )
-from benchlib.sparse.build import compiler
 from benchlib.sparse.direct import COPY_BAND, COPY_OUT, COPY_SOURCE, COPY_THREADS
 from benchlib.sparse.modules import SparseConv2d
 from benchlib.sparse.native import (
@@ -37,13 +36,7 @@ from tests.test_sparse_modules import sparsify_weight
 EXACT = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def native() -> None:
-    loaded = load_library()
-    if isinstance(loaded, NativeUnavailable):
-        if compiler() is None:
-            pytest.skip(f"no C++ compiler: {loaded.reason}")
-        pytest.fail(f"the native kernels did not build: {loaded.reason}")
+pytestmark = pytest.mark.usefixtures("native_kernels")
 
 
 def test_bands_are_whole_rows_of_at_most_64_floats_in_large_images() -> None:

@@ -13,8 +13,7 @@ from torch import fx, nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from benchlib.harness.verify import relative_error
-from benchlib.sparse import NativeSparseMatrix, NativeUnavailable, load_library, sparsify
-from benchlib.sparse.build import compiler
+from benchlib.sparse import NativeSparseMatrix, sparsify
 from benchlib.sparse.chain import CHAIN_INPUT, NativeChain, chain_convs
 from benchlib.sparse.fuse import fold_batchnorm, fuse_relu, fuse_residual, trace
 from benchlib.sparse.modules import SparseConv2d
@@ -23,13 +22,7 @@ from tests.test_sparse_modules import sparsify_weight
 EXACT = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def native() -> None:
-    loaded = load_library()
-    if isinstance(loaded, NativeUnavailable):
-        if compiler() is None:
-            pytest.skip(f"no C++ compiler: {loaded.reason}")
-        pytest.fail(f"the native kernels did not build: {loaded.reason}")
+pytestmark = pytest.mark.usefixtures("native_kernels")
 
 
 def bottleneck_net() -> nn.Module:

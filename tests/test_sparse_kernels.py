@@ -48,15 +48,7 @@ EXACT = 1e-4
 """fp32: the kernels sum the same terms as a dense product, in another order."""
 
 
-@pytest.fixture(scope="module", autouse=True)
-def native() -> None:
-    """Build (or load) the kernels once; skip only where there is no compiler at all: with a
-    compiler, a failing build fails the tests."""
-    loaded = load_library()
-    if isinstance(loaded, NativeUnavailable):
-        if compiler() is None:
-            pytest.skip(f"no C++ compiler: {loaded.reason}")
-        pytest.fail(f"the native kernels did not build: {loaded.reason}")
+pytestmark = pytest.mark.usefixtures("native_kernels")
 
 
 def random_matrix(rows: int, cols: int, sparsity: float, seed: int, zeros: str) -> torch.Tensor:
