@@ -25,7 +25,7 @@ from torch import nn
 
 from benchlib.sparse.build import PackedCall
 from benchlib.sparse.direct import COPY_BAND, COPY_OUT, COPY_SOURCE, COPY_THREADS
-from benchlib.sparse.modules import GatherKernel, SparseConv2d
+from benchlib.sparse.modules import GatherKernel, GatherPlan, SparseConv2d
 from benchlib.sparse.native import (
     GATHER_OUT,
     GATHER_RELU,
@@ -74,13 +74,14 @@ def banded_product(
     shape: tuple[int, ...],
     source_rows: int | None,
     out_rows: int | None,
-) -> tuple[PackedCall, bool]:
+) -> PackedCall:
     """``layer``'s product on an input of (N, C, H, W) ``shape`` (its plan built) held in bands
-    of ``source_rows`` rows, for an output in bands of ``out_rows`` (None: NCHW), and whether
-    it can add a residual (laid out as its output). A layer that reads its input in place (a 1x1
-    conv, stride 1, no padding) takes bands on either side, one band per part; one that reads a
-    layout copy reads the copy (which reads the bands: ``COPY_BAND``) and writes one output band
-    per part. Raises ValueError where the bands do not divide the heights."""
+    of ``source_rows`` rows, for an output in bands of ``out_rows`` (None: NCHW); it adds a
+    residual (laid out as its output) where ``adds_residual`` says so. A layer that reads its
+    input in place (a 1x1 conv, stride 1, no padding) takes bands on either side, one band per
+    part; one that reads a layout copy reads the copy (which reads the bands: ``COPY_BAND``)
+    and writes one output band per part. Raises ValueError where the bands do not divide the
+    heights."""
     n, _, h, w = shape
     layout, offsets = layer.layout(h, w)
     ksplit = layer.ksplit(h, w)
@@ -103,8 +104,7 @@ def banded_product(
             out_row=ho * wo if out_rows is None else band,
             out_image=out_image,
         )
-        call = kernel.gather_call(offsets, layout.floats, n, band, w, w, layer.bias, ksplit, parts)
-        return call, True
+        return kernel.gather_call(offsets, layout.floats, n, band, w, w, layer.bias, ksplit, parts)
     if out_rows is None:
         raise ValueError("a layer reading a layout copy into NCHW takes the layer's plan")
     if ho % out_rows:
@@ -118,15 +118,37 @@ def banded_product(
         out_image=out_image,
     )
     columns = (out_rows - 1) * layout.pitch + wo
-    call = kernel.gather_call(
+    return kernel.gather_call(
         offsets, layout.floats, n, columns, pitch, wo, layer.bias, ksplit, parts
     )
-    return call, pitch == wo
+
+
+def layer_calls(
+    layer: SparseConv2d,
+    plan: GatherPlan,
+    shape: tuple[int, ...],
+    source_rows: int | None,
+    out_rows: int | None,
+) -> tuple[PackedCall | None, PackedCall]:
+    """Private copies of ``plan``'s calls (``layer``'s, for an input of ``shape``) for an input
+    in bands of ``source_rows`` rows and an output in bands of ``out_rows`` (None: NCHW): the
+    layout copy (None where the layer reads its input in place), reading the bands, and the
+    product (``banded_product`` where a side is banded that the plan's cannot take)."""
+    if out_rows is None and (plan.copy is not None or source_rows is None):
+        product = plan.product.copy()
+    else:
+        product = banded_product(layer, shape, source_rows, out_rows)
+    copy = None
+    if plan.copy is not None:
+        copy = plan.copy.copy()
+        copy[COPY_BAND] = source_rows or 0
+    return copy, product
 
 
 def adds_residual(layer: SparseConv2d, shape: tuple[int, ...], out_rows: int) -> bool:
-    """Whether ``layer`` on an input of ``shape`` can add a residual to an output in bands of
-    ``out_rows`` rows (``banded_product``'s second answer, without building the call)."""
+    """Whether ``layer``'s ``banded_product`` on an input of ``shape`` can add a residual to an
+    output in bands of ``out_rows`` rows: its rows are contiguous (a 1x1 conv read in place,
+    one row per band, or a copy whose rows have no dropped columns)."""
     layout, _ = layer.layout(shape[2], shape[3])
     return layout.in_place or out_rows == 1 or layout.pitch == layout.out_w
 
@@ -157,19 +179,13 @@ class ChainedConv(nn.Module):
         source_rows, out_rows = band_rows(*x.shape[2:]), band_rows(*plan.out_shape[2:])
         if out_rows is not None and residual is not None:
             out_rows = out_rows if adds_residual(layer, x.shape, out_rows) else None
-        if out_rows is None and (plan.copy is not None or source_rows is None):
-            self.product = plan.product.copy()
-        else:
-            self.product, _ = banded_product(layer, x.shape, source_rows, out_rows)
+        self.copy, self.product = layer_calls(layer, plan, x.shape, source_rows, out_rows)
         self.out_shape, self.out_rows = plan.out_shape, out_rows
         source = x.contiguous() if source_rows is None else to_bands(x, source_rows)
         self.buffers_ = [source]  # what the calls' addresses point into
-        self.copy: PackedCall | None = None
-        if plan.copy is not None:
-            self.copy = plan.copy.copy()
+        if self.copy is not None:
             scratch = x.new_empty(x.shape[0], plan.source_floats)
             self.copy[COPY_SOURCE], self.copy[COPY_OUT] = source.data_ptr(), scratch.data_ptr()
-            self.copy[COPY_BAND] = source_rows or 0
             self.buffers_.append(scratch)
             source = scratch
         self.out = x.new_empty(plan.out_shape)

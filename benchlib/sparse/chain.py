@@ -51,9 +51,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules import module as module_hooks
 
-from benchlib.sparse.bands import adds_residual, band_rows, banded_product
+from benchlib.sparse.bands import adds_residual, band_rows, layer_calls
 from benchlib.sparse.build import PackedCall
-from benchlib.sparse.direct import COPY_BAND, COPY_OUT, COPY_SOURCE, COPY_THREADS
+from benchlib.sparse.direct import COPY_OUT, COPY_SOURCE, COPY_THREADS
 from benchlib.sparse.modules import GatherPlan, SparseConv2d
 from benchlib.sparse.native import (
     GATHER_OUT,
@@ -338,15 +338,9 @@ def _bind(
 
     last = len(layers) - 1
     for step, (layer, refs, plan) in enumerate(zip(layers, arguments, plans, strict=True)):
-        source_rows, out_rows = rows[refs[0]], rows[step]
-        if out_rows is None and (plan.copy is not None or source_rows is None):
-            product = plan.product.copy()
-        else:
-            shape = tensors[refs[0]].shape
-            product, _ = banded_product(layer, shape, source_rows, out_rows)
-        if plan.copy is not None:
-            copy = plan.copy.copy()
-            copy[COPY_BAND] = source_rows or 0
+        shape = tensors[refs[0]].shape
+        copy, product = layer_calls(layer, plan, shape, rows[refs[0]], rows[step])
+        if copy is not None:
             address(refs[0], copy, COPY_SOURCE)
             copy[COPY_OUT] = scratch.data_ptr()
             calls.append((COPY_STEP, copy))
