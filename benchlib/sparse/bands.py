@@ -9,13 +9,15 @@ band the same way. A conv whose source is a layout copy (padded or strided) read
 input through the copy (``COPY_BAND``) and can write a banded output as well, one band per
 part.
 
-Measured on the AVX2 EPYC (2 threads, in-process A/B, ResNet-50's 1x1 convs at their
-``magnitude:0.9`` densities, both sides banded / both NCHW): 56x56 in bands of one row (56
-floats) 0.82-0.85x the time; 28x28 in bands of two rows 0.94x (512 -> 128 and 512 -> 256), 0.81x
-(128 -> 512); but 14x14 in bands of 49 floats 0.98-1.11x, and bands of 112 floats at 28x28
-1.02x. A 3x3 conv writing banded output from its (NCHW) padded source: 0.97x (56x56, one row),
-0.98-1.02x (28x28). So bands are as wide as fit in ``BAND_FLOATS`` (a column tile of the
-kernels) and only where an image has at least ``BAND_MIN_PIXELS``.
+Measured on the AVX2 EPYC (2 threads, in-process A/B). ResNet-50's 1x1 convs at their
+``magnitude:0.9`` densities, both sides banded against both NCHW: 56x56 in bands of one row
+(56 floats) 0.82-0.85x the time, 28x28 in bands of two rows 0.94x (512 -> 128, 512 -> 256) and
+0.81x (128 -> 512); but 14x14 in bands of 1, 2 or 7 rows 1.00-1.77x, 7x7 in rows 1.00-2.70x,
+and 28x28 in bands of 112 floats 1.02x. Per step inside ResNet-50's chain: the 1x1 convs at
+56x56 and 28x28 0.79-0.93x; the 3x3 convs writing bands from their NCHW padded source
+0.93-0.95x at 56x56 and 1.00-1.09x at 28x28 (kept: the 1x1 conv after each reads the bands);
+end to end 0.933-0.937x. So bands are as wide as fit in ``BAND_FLOATS`` (a column tile of the
+kernels), and only where an image has at least ``BAND_MIN_PIXELS``.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from benchlib.sparse.native import (
 BAND_FLOATS = 64
 """At most this many floats per channel and band (the AVX2 kernels' column tile)."""
 BAND_MIN_PIXELS = 512
-"""Images of fewer pixels stay NCHW: 14x14 (196) ran no faster in bands (above)."""
+"""Images of fewer pixels stay NCHW: 14x14 (196) and 7x7 ran no faster in bands (above)."""
 
 
 def band_rows(height: int, width: int) -> int | None:
