@@ -9,6 +9,19 @@
 
 #include "common.h"
 
+namespace {
+
+// The sum of a vector's lanes, in lane order.
+inline float lane_sum(V::T lanes) {
+  alignas(64) float partial[V::W];
+  V::store(partial, lanes);
+  float sum = 0.0f;
+  for (int i = 0; i < V::W; ++i) sum += partial[i];
+  return sum;
+}
+
+}  // namespace
+
 extern "C" {
 
 // out[p] = the mean of the `plane` contiguous floats of plane p of x, for p in [0, planes):
@@ -23,10 +36,7 @@ int benchlib_mean_planes(const float* x, int64_t planes, int64_t plane, float* o
       V::T lanes = V::zero();
       int64_t k = 0;
       for (; k + V::W <= plane; k += V::W) lanes = V::add(lanes, V::load(src + k));
-      alignas(64) float partial[V::W];
-      V::store(partial, lanes);
-      float sum = 0.0f;
-      for (int i = 0; i < V::W; ++i) sum += partial[i];
+      float sum = lane_sum(lanes);
       for (; k < plane; ++k) sum += src[k];
       out[p] = plane > 0 ? sum / static_cast<float>(plane) : 0.0f;
     }
@@ -60,10 +70,7 @@ int benchlib_dense_linear(const float* x, int64_t images, int64_t K, const float
             acc[u] = V::fma(V::load(row + k + u * V::W), V::load(in + k + u * V::W), acc[u]);
         for (; k + V::W <= K; k += V::W)
           acc[0] = V::fma(V::load(row + k), V::load(in + k), acc[0]);
-        alignas(64) float lanes[V::W];
-        V::store(lanes, V::add(V::add(acc[0], acc[1]), V::add(acc[2], acc[3])));
-        float sum = 0.0f;
-        for (int i = 0; i < V::W; ++i) sum += lanes[i];
+        float sum = lane_sum(V::add(V::add(acc[0], acc[1]), V::add(acc[2], acc[3])));
         for (; k < K; ++k) sum += row[k] * in[k];
         y[b * M + m] = (bias ? bias[m] : 0.0f) + sum;
       }
