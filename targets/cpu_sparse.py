@@ -150,6 +150,7 @@ class CpuSparse:
             "avgpools_chained": 0,
             "linears_chained": 0,
             "banded": 0,
+            "padded_planes": 0,
         }
         if self.fuse:
             traced = trace(model)
@@ -178,14 +179,13 @@ class CpuSparse:
             fusion["residual_fused"] = fuse_residual(converted)
             fusion["relu_fused"] = fuse_relu(converted)
             fusion["chained"] = chain_convs(converted)
-            chains = [m for m in converted.modules() if isinstance(m, NativeChain)]
-            fusion["avgpools_chained"] = sum(chain.head is not None for chain in chains)
-            fusion["linears_chained"] = sum(
-                chain.head is not None and chain.head.linear is not None for chain in chains
-            )
+        chains = [m for m in converted.modules() if isinstance(m, NativeChain)]
+        fusion["avgpools_chained"] = sum(chain.head is not None for chain in chains)
+        fusion["linears_chained"] = sum(
+            chain.head is not None and chain.head.linear is not None for chain in chains
+        )
         with torch.inference_mode():  # builds the layers' plans and binds the chains
             converted(*inputs)
-        fusion["banded"] = sum(
-            m.banded_layers() for m in converted.modules() if isinstance(m, NativeChain)
-        )
+        fusion["banded"] = sum(chain.banded_layers() for chain in chains)
+        fusion["padded_planes"] = sum(chain.padded_layers() for chain in chains)
         return converted, layers, fusion

@@ -1,4 +1,5 @@
-"""``benchlib.sparse.bands``: activations in bands of rows inside a native chain."""
+"""``benchlib.sparse.bands``: activations in bands of rows (or planes padded to an aligned
+stride) inside a native chain."""
 
 from __future__ import annotations
 
@@ -13,14 +14,15 @@ from torch import nn
 from benchlib.harness.verify import relative_error
 from benchlib.sparse import NativeSparseMatrix
 from benchlib.sparse.bands import (
+    Bands,
     ChainedConv,
     adds_residual,
-    band_rows,
     banded_product,
+    bands_for,
     from_bands,
     to_bands,
 )
-from benchlib.sparse.direct import COPY_BAND, COPY_OUT, COPY_SOURCE, COPY_THREADS
+from benchlib.sparse.direct import COPY_BAND, COPY_OUT, COPY_SOURCE, COPY_STRIDE, COPY_THREADS
 from benchlib.sparse.modules import SparseConv2d
 from benchlib.sparse.native import (
     GATHER_OUT,
@@ -39,27 +41,37 @@ EXACT = 1e-4
 pytestmark = pytest.mark.usefixtures("native_kernels")
 
 
-def test_bands_are_whole_rows_of_at_most_64_floats_in_large_images() -> None:
-    assert band_rows(56, 56) == 1  # ResNet-50's layer1
-    assert band_rows(28, 28) == 2  # layer2
-    assert band_rows(32, 32) == 2
-    assert band_rows(30, 20) == 3  # 60 floats; 3 divides 30
-    assert band_rows(64, 64) == 1
-    assert band_rows(14, 14) is None  # 196 pixels: NCHW
-    assert band_rows(16, 32) == 2  # 512 pixels: 8 bands
-    assert band_rows(15, 32) is None  # 480 pixels
-    assert band_rows(100, 100) is None  # a row wider than a band
-    assert band_rows(600, 1) == 60  # the most rows that fit and divide 600
+def test_bands_are_whole_rows_of_at_most_64_floats_in_large_images_and_aligned() -> None:
+    assert bands_for(56, 56) == Bands(1, 56)  # ResNet-50's layer1
+    assert bands_for(28, 28) == Bands(2, 56)  # layer2
+    assert bands_for(32, 32) == Bands(2, 64)
+    assert bands_for(30, 20) == Bands(3, 64)  # 60 floats (3 divides 30), 32-byte aligned
+    assert bands_for(64, 64) == Bands(1, 64)
+    assert bands_for(16, 32) == Bands(2, 64)  # 512 pixels: 8 bands
+    assert bands_for(600, 1) == Bands(60, 64)  # the most rows that fit and divide 600
+    # one band: planes padded to a multiple of 8 floats, or plain NCHW where they are
+    assert bands_for(14, 14) == Bands(14, 200)  # layer3: 196 pixels
+    assert bands_for(7, 7) == Bands(7, 56)  # layer4
+    assert bands_for(16, 16) is None  # 256 pixels
+    assert bands_for(15, 32) is None  # 480 pixels
+    assert bands_for(100, 100) is None  # a row wider than a band, 10000 floats a plane
+    assert bands_for(99, 99) == Bands(99, 9808)
 
 
 def test_to_bands_and_back() -> None:
     x = torch.randn(2, 3, 6, 5)
-    banded = to_bands(x, 2)
+    banded = to_bands(x, Bands(2, 10))
     assert banded.shape == (2, 3, 3, 10)
     assert torch.equal(banded[1, 2, 0], x[1, 0, 4:6].reshape(-1))  # band 2, channel 0
-    assert torch.equal(from_bands(banded.reshape(-1), (2, 3, 6, 5), 2), x)
+    assert torch.equal(from_bands(banded.reshape(-1), (2, 3, 6, 5), Bands(2, 10)), x)
+    padded = to_bands(x, Bands(6, 32))
+    assert padded.shape == (2, 1, 3, 32) and not padded[..., 30:].any()
+    assert torch.equal(padded[1, 0, 2, :30], x[1, 2].reshape(-1))
+    assert torch.equal(from_bands(padded, (2, 3, 6, 5), Bands(6, 32)), x)
     with pytest.raises(ValueError, match="bands of 4 rows must divide the height 6"):
-        to_bands(x, 4)
+        to_bands(x, Bands(4, 20))
+    with pytest.raises(ValueError, match="stride of 9 floats must hold its 2 rows of 5"):
+        to_bands(x, Bands(2, 9))
 
 
 def sparse_conv(
@@ -75,34 +87,53 @@ def sparse_conv(
     return layer
 
 
+def padded_with_nan(x: torch.Tensor, bands: Bands) -> torch.Tensor:
+    """``x`` in ``bands``, the floats between the channels' strips NaN."""
+    banded = to_bands(x, bands)
+    banded[..., bands.rows * x.shape[3] :] = float("nan")
+    return banded
+
+
 def run_banded(
     layer: SparseConv2d,
     x: torch.Tensor,
-    source_rows: int | None,
-    out_rows: int | None,
+    source_bands: Bands | None,
+    out_bands: Bands | None,
     residual: torch.Tensor | None,
     threads: int,
 ) -> torch.Tensor:
-    """``layer`` on ``x`` by ``banded_product`` (and its copy reading the bands), NCHW out."""
+    """``layer`` on ``x`` by ``banded_product`` (and its copy reading the bands), NCHW out;
+    the padding of the input's and the residual's bands is NaN (never read) and the
+    output's stays untouched."""
     plan = layer.gather_plan(x)
     assert plan is not None
-    product = banded_product(layer, x.shape, source_rows, out_rows)
-    source = x if source_rows is None else to_bands(x, source_rows)
+    product = banded_product(layer, x.shape, source_bands, out_bands)
+    source = x if source_bands is None else padded_with_nan(x, source_bands)
     if plan.copy is not None:
         copy_call = plan.copy.copy()
         scratch = x.new_empty(x.shape[0], plan.source_floats)
         copy_call[COPY_SOURCE], copy_call[COPY_OUT] = source.data_ptr(), scratch.data_ptr()
-        copy_call[COPY_BAND], copy_call[COPY_THREADS] = source_rows or 0, threads
+        copy_call[COPY_BAND] = 0 if source_bands is None else source_bands.rows
+        copy_call[COPY_STRIDE] = 0 if source_bands is None else source_bands.stride
+        copy_call[COPY_THREADS] = threads
         assert copy_call() == 0
         source = scratch
-    out = torch.full(plan.out_shape, float("nan"))
-    if residual is not None and out_rows is not None:
-        residual = to_bands(residual, out_rows)
+    if out_bands is None:
+        out = torch.full(plan.out_shape, float("nan"))
+    else:
+        out = torch.full((out_bands.floats(plan.out_shape),), float("inf"))
+        if residual is not None:
+            residual = padded_with_nan(residual, out_bands)
     product[GATHER_SOURCE], product[GATHER_OUT] = source.data_ptr(), out.data_ptr()
     product[GATHER_RELU], product[GATHER_THREADS] = int(layer.relu), threads
     product[GATHER_RESIDUAL] = 0 if residual is None else residual.data_ptr()
     assert product() == 0
-    return out if out_rows is None else from_bands(out, plan.out_shape, out_rows)
+    if out_bands is None:
+        return out
+    n, m, ho, wo = plan.out_shape
+    strips = out.reshape(n, ho // out_bands.rows, m, out_bands.stride)
+    assert strips[..., out_bands.rows * wo :].isinf().all()  # no write outside the strips
+    return from_bands(out, plan.out_shape, out_bands)
 
 
 @settings(max_examples=60, deadline=None)
@@ -113,6 +144,7 @@ def run_banded(
     width=st.integers(1, 9),
     batch=st.integers(1, 2),
     pick=st.tuples(st.integers(0, 5), st.integers(0, 5)),
+    pads=st.tuples(st.integers(0, 9), st.integers(0, 9)),
     residual=st.booleans(),
     threads=st.sampled_from([1, 2]),
     seed=st.integers(0, 50),
@@ -126,6 +158,7 @@ def test_a_banded_product_equals_the_layer(
     width: int,
     batch: int,
     pick: tuple[int, int],
+    pads: tuple[int, int],
     residual: bool,
     threads: int,
     seed: int,
@@ -133,8 +166,9 @@ def test_a_banded_product_equals_the_layer(
     block: int,
 ) -> None:
     """Every combination of NCHW and banded input and output, bands of any height dividing
-    the image's, batches of 1 and 2, 1x1 and 3x3 convs at stride 1 and 2, grouped or not,
-    CSR and 2x1 / 4x1 blocks: the same values as the layer's own (NCHW) forward, residual
+    the image's (one band: NCHW planes), their strips up to 9 floats more apart than their
+    rows take, batches of 1 and 2, 1x1 and 3x3 convs at stride 1 and 2, grouped or not, CSR
+    and 2x1 / 4x1 blocks: the same values as the layer's own (NCHW) forward, residual
     included where the layer can add it."""
     torch.manual_seed(seed)
     layer = sparse_conv(6, 8, kernel, stride, seed, groups, block)
@@ -153,11 +187,13 @@ def test_a_banded_product_equals_the_layer(
     else:
         source_rows = source_options[pick[0] % len(source_options)]
         out_rows = out_options[1 + pick[1] % (len(out_options) - 1)]
-    adds = adds_residual(layer, x.shape, out_rows or out_h)
+    source = None if source_rows is None else Bands(source_rows, source_rows * width + pads[0])
+    out = None if out_rows is None else Bands(out_rows, out_rows * out_w + pads[1])
+    adds = adds_residual(layer, x.shape, out or Bands(out_h, out_h * out_w))
     extra = torch.randn(batch, 8, out_h, out_w) if residual and adds else None
     with torch.inference_mode():
         expected = layer(x, extra)
-    got = run_banded(layer, x, source_rows, out_rows, extra, threads)
+    got = run_banded(layer, x, source, out, extra, threads)
     assert relative_error(got, expected) <= EXACT
 
 
@@ -165,10 +201,11 @@ def test_a_3x3_conv_in_bands_of_one_row_adds_a_residual_and_of_two_does_not() ->
     layer = sparse_conv(4, 4, 3, 1, 1)
     x = torch.randn(1, 4, 8, 8)
     layer(x)
-    one = banded_product(layer, (1, 4, 8, 8), None, 1)
-    two = banded_product(layer, (1, 4, 8, 8), None, 2)
+    one = banded_product(layer, (1, 4, 8, 8), None, Bands(1, 8))
+    two = banded_product(layer, (1, 4, 8, 8), None, Bands(2, 16))
     assert one[10] == one[11] == 8 and two[10] == 10  # pitch: one row per band drops nothing
-    assert adds_residual(layer, (1, 4, 8, 8), 1) and not adds_residual(layer, (1, 4, 8, 8), 2)
+    assert adds_residual(layer, (1, 4, 8, 8), Bands(1, 8))
+    assert not adds_residual(layer, (1, 4, 8, 8), Bands(2, 16))
 
 
 def test_parts_that_leave_the_image_are_refused() -> None:
@@ -200,9 +237,34 @@ def test_a_chain_at_32x32_runs_its_layers_in_bands_and_equals_the_model() -> Non
             for _ in range(2):
                 assert relative_error(graph(x), expected) <= EXACT
         binding = chain._bindings[(batch, 64, 32, 32)]
-        # layer1 and layer2's first 1x1 conv write 32x32 outputs, the rest 16x16 or less
-        assert binding.bands == [2] * 5 + [None] * 14
+        # layer1 and layer2's first 1x1 conv write 32x32 outputs, the rest 16x16 or less,
+        # whose planes of 256, 64 and 16 floats are aligned already
+        assert binding.bands == [Bands(2, 64)] * 5 + [None] * 14
     assert chain.banded_layers() == 5
+    assert chain.padded_layers() == 0
+
+
+def test_a_chain_holds_planes_of_unaligned_sizes_padded_and_its_head_reads_them() -> None:
+    """The same net on 96x96: layer1 at 24x24 in bands of two rows (48 floats), layer2 at
+    12x12 NCHW (144 floats a plane), layer3 at 6x6 and layer4 at 3x3 in planes padded to 40
+    and 16 floats, read by the head's pool: the chain equals the model."""
+    from tests.test_sparse_chain import bottleneck_net
+
+    model = bottleneck_net()
+    graph = converted(copy.deepcopy(model))
+    [chain] = chains(graph)
+    for batch in (1, 2):
+        x = torch.randn(batch, 3, 96, 96)
+        with torch.inference_mode():
+            expected = model(x)
+            for _ in range(2):
+                assert relative_error(graph(x), expected) <= EXACT
+        binding = chain._bindings[(batch, 64, 24, 24)]
+        # layer1 and layer2's first 1x1 conv (24x24), layer2's others (12x12), layer3's four
+        # (6x6) and layer4's three (3x3, the head's input)
+        expected_bands = [Bands(2, 48)] * 5 + [None] * 7 + [Bands(6, 40)] * 4
+        assert binding.bands == expected_bands + [Bands(3, 16)] * 3
+    assert (chain.banded_layers(), chain.padded_layers()) == (5, 7)
 
 
 class ResidualFromInput(nn.Module):
@@ -233,7 +295,8 @@ def test_a_residual_and_the_output_it_joins_share_one_layout() -> None:
         for _ in range(2):
             assert relative_error(graph(x), model(x)) <= EXACT
     # a: bands; b adds the chain's (NCHW) input: NCHW; c, d (adds c's output): bands; e: last
-    assert chain._bindings[(1, 8, 32, 32)].bands == [2, None, 2, 2, None]
+    bands = Bands(2, 64)
+    assert chain._bindings[(1, 8, 32, 32)].bands == [bands, None, bands, bands, None]
 
 
 @pytest.mark.parametrize(
@@ -253,7 +316,7 @@ def test_a_chained_conv_twin_computes_the_layer_in_bands(
         twin = ChainedConv(layer, x, extra, layer.relu)
         for _ in range(2):
             twin(x)
-    assert twin.out_rows == band_rows(out_size, out_size)
+    assert twin.out_bands == bands_for(out_size, out_size)
     assert relative_error(twin.nchw(), expected) <= EXACT
     with pytest.raises(ValueError, match="runs on the input it was built for"):
         twin(x.clone())
@@ -297,10 +360,10 @@ def test_column_blocked_calls_share_one_block_major_copy_of_the_values() -> None
     binding = chain._bindings[(1, 64, 32, 32)]
     products = [call for kind, call in binding.calls if kind == 0]
     blocked = 0
-    for layer, call, rows in zip(chain.layers, products, binding.bands, strict=True):
+    for layer, call, bands in zip(chain.layers, products, binding.bands, strict=True):
         [plan] = layer._plans.values()
         assert call[2] == plan.product[2]  # the values' address
-        blocked += rows is not None and plan.product[17] != 0  # a banded, column-blocked one
+        blocked += bands is not None and plan.product[17] != 0  # a banded, column-blocked one
     assert blocked >= 1
     torch.manual_seed(0)
     kernel = NativeSparseMatrix(torch.randn(6, 40) * (torch.rand(6, 40) < 0.5))

@@ -36,7 +36,7 @@ from benchlib.sparse import (
     load_library,
     sparsify,
 )
-from benchlib.sparse.bands import to_bands
+from benchlib.sparse.bands import Bands, to_bands
 from benchlib.sparse.build import build, cache_dir, compiler
 from benchlib.sparse.native import ColumnBlocks
 from benchlib.sparse.tiling import L2_FLOATS, column_block
@@ -880,12 +880,14 @@ def test_the_native_layout_copy_equals_the_torch_one(
     align=st.booleans(),
     threads=st.sampled_from([1, 2]),
     band_pick=st.integers(0, 8),
+    pad=st.integers(0, 9),
 )
 # the last plane reads no input row while its rows have left padding (1 row, top padding 1,
 # stride 2): zeroing "the rows above and the first row's left padding" would overrun it
-@example(2, 1, 5, 1, 2, 1, (1, 0, 1, 0), False, 1, 0)
-@example(3, 2, 7, 3, 3, 1, (5, 0, 4, 2), True, 2, 0)
-@example(3, 12, 7, 3, 2, 1, (1, 1, 1, 1), False, 2, 3)  # bands of 3 rows
+@example(2, 1, 5, 1, 2, 1, (1, 0, 1, 0), False, 1, 0, 0)
+@example(3, 2, 7, 3, 3, 1, (5, 0, 4, 2), True, 2, 0, 0)
+@example(3, 12, 7, 3, 2, 1, (1, 1, 1, 1), False, 2, 3, 0)  # bands of 3 rows
+@example(3, 12, 7, 3, 2, 1, (1, 1, 1, 1), False, 2, 3, 5)  # their strips 26 floats apart
 def test_the_native_layout_copy_of_any_shape_writes_exactly_its_planes(
     channels: int,
     height: int,
@@ -897,11 +899,13 @@ def test_the_native_layout_copy_of_any_shape_writes_exactly_its_planes(
     align: bool,
     threads: int,
     band_pick: int,
+    pad: int,
 ) -> None:
     """Every phase image, including those that read no input row (a padding wider than the
     input), equals the torch copy, and nothing past the last plane is written; from an NCHW
     input or one in bands of rows (``band_pick`` picks the rows among the height's divisors,
-    0: NCHW)."""
+    0: NCHW) whose channels' strips lie ``pad`` floats more apart than their rows take (the
+    floats between are NaN: never read)."""
     try:
         layout = ConvLayout.of(
             channels, (height, width), (kernel, kernel), (stride, stride),
@@ -914,14 +918,18 @@ def test_the_native_layout_copy_of_any_shape_writes_exactly_its_planes(
     x = torch.randn(2, channels, height, width)
     divisors = [r for r in range(1, height + 1) if height % r == 0]
     band = 0 if band_pick == 0 else divisors[band_pick % len(divisors)]
-    source = x if band == 0 else to_bands(x, band)
+    strip = 0 if band == 0 else band * width + pad  # floats from a channel's strip to the next
+    source = x
+    if band:
+        source = to_bands(x, Bands(band, strip))
+        source[..., band * width :] = float("nan")
     guarded = torch.full((2 * layout.floats + 64,), float("nan"))
     library = load_library()
     assert not isinstance(library, NativeUnavailable)
     library.conv_layout(
         source.data_ptr(), 2, channels, height, width, layout._phase_table.data_ptr(),
         len(layout.phases), stride, stride, padding[0], padding[2], layout.phase_h,
-        layout.phase_w, layout.plane, guarded.data_ptr(), threads, band,
+        layout.phase_w, layout.plane, guarded.data_ptr(), threads, band, strip,
     )  # fmt: skip
     with mock.patch("benchlib.sparse.direct.load_library", lambda: NativeUnavailable("test")):
         expected = layout.source(x)  # by torch ops

@@ -29,6 +29,7 @@ FUSIONS = (
     ("avgpools_chained", "avg pool chained"),
     ("linears_chained", "linear chained"),
     ("banded", "layers banded"),
+    ("padded_planes", "layers in padded planes"),
 )
 """``info["fusion"]`` counts as shown, in this order."""
 

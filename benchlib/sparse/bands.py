@@ -1,13 +1,15 @@
 """Activations in bands of rows inside a ``NativeChain`` (``chain.py``).
 
 An intermediate activation (N, C, H, W) of a chain may be stored in bands of ``rows`` whole
-rows: per image, per band, every channel's ``rows`` rows of it in turn, i.e. the tensor
-``(N, H / rows, C, rows * W)``. A 1x1 conv then reads, per band (one part of the gather
-kernel's columns, see ``native.Parts``), a contiguous strip of ``C * rows * W`` floats, where
-NCHW gives it one short run per channel plane, each in another page; and it writes its output
-band the same way. A conv whose source is a layout copy (padded or strided) reads a banded
-input through the copy (``COPY_BAND``) and can write a banded output as well, one band per
-part.
+rows (``Bands``): per image, per band, every channel's ``rows`` rows of it in turn, each
+channel's strip ``stride`` floats after the last, i.e. the tensor ``(N, H / rows, C,
+stride)``. A 1x1 conv then reads, per band (one part of the gather kernel's columns, see
+``native.Parts``), a contiguous strip of about ``C * rows * W`` floats, where NCHW gives it
+one short run per channel plane, each in another page; and it writes its output band the same
+way. A conv whose source is a layout copy (padded or strided) reads a banded input through the
+copy (``COPY_BAND``, ``COPY_STRIDE``) and can write a banded output as well, one band per part.
+A small image is held in one band: NCHW, its planes padded to an aligned ``stride`` where
+``H * W`` is not a multiple of ``STRIDE_FLOATS``.
 
 Measured on the AVX2 EPYC (2 threads, in-process A/B). ResNet-50's 1x1 convs at their
 ``magnitude:0.9`` densities, both sides banded against both NCHW: 56x56 in bands of one row
@@ -17,16 +19,24 @@ and 28x28 in bands of 112 floats 1.02x. Per step inside ResNet-50's chain: the 1
 56x56 and 28x28 0.79-0.93x; the 3x3 convs writing bands from their NCHW padded source
 0.93-0.95x at 56x56 and 1.00-1.09x at 28x28 (kept: the 1x1 conv after each reads the bands);
 end to end 0.933-0.937x. So bands are as wide as fit in ``BAND_FLOATS`` (a column tile of the
-kernels), and only where an image has at least ``BAND_MIN_PIXELS``.
+kernels), and only where an image has at least ``BAND_MIN_PIXELS``. With the strips aligned
+(``STRIDE_FLOATS``), 14x14 in bands of 7 rows (104 floats) ran end to end in 1.00x the time of
+one band of 200, in bands of 2 rows (32 floats) 1.03-1.05x. The planes of 14x14 and 7x7 padded
+to 200 and 56 floats: their 1x1 convs 0.82-0.93x per step in the chain, ResNet-50 end to end
+0.968x (per step), 0.973x and 0.978x (two A/B runs of 60 alternating rounds; a third, in a
+noisy minute, 0.987x), bit-identical outputs.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from benchlib.sparse.build import PackedCall
-from benchlib.sparse.direct import COPY_BAND, COPY_OUT, COPY_SOURCE, COPY_THREADS
+from benchlib.sparse.direct import COPY_BAND, COPY_OUT, COPY_SOURCE, COPY_STRIDE, COPY_THREADS
 from benchlib.sparse.modules import GatherKernel, GatherPlan, SparseConv2d
 from benchlib.sparse.native import (
     GATHER_OUT,
@@ -40,86 +50,140 @@ from benchlib.sparse.native import (
 BAND_FLOATS = 64
 """At most this many floats per channel and band (the AVX2 kernels' column tile)."""
 BAND_MIN_PIXELS = 512
-"""Images of fewer pixels stay NCHW: 14x14 (196) and 7x7 ran no faster in bands (above)."""
+"""Images of fewer pixels stay in one band: 14x14 (196) and 7x7 ran no faster in bands of
+rows (above)."""
+STRIDE_FLOATS = 8
+"""A channel's rows of a band start this many floats (32 bytes, an AVX2 vector) apart: the
+kernels' vector loads of a strip then never straddle a cache line (one in two does, for
+planes of 196 floats). Measured (AVX2 EPYC, 2 threads, in-process A/B of one layer, planes of
+196 / 49 floats against 200 / 56): ResNet-50's 1x1 convs at 14x14 and 7x7 at their
+``magnitude:0.9`` densities ran in 0.83-0.89x the time (512 -> 2048 @7x7 at 0.03: 0.92-0.97x);
+its 3x3 convs, whose taps read at every column offset anyway, 0.97-1.04x with their copies'
+planes rounded up (not done). Not measured on an AVX-512 machine (64-byte vectors)."""
 
 
-def band_rows(height: int, width: int) -> int | None:
-    """Rows per band for an activation of (height, width) pixels inside a chain: the most
-    whole rows that fit ``BAND_FLOATS`` and divide ``height``; None (NCHW) for an image under
-    ``BAND_MIN_PIXELS`` or a row wider than ``BAND_FLOATS``."""
-    if height * width < BAND_MIN_PIXELS or width > BAND_FLOATS:
-        return None
-    return max(r for r in range(1, height + 1) if height % r == 0 and r * width <= BAND_FLOATS)
+@dataclass(frozen=True)
+class Bands:
+    """How a chain holds an (N, C, H, W) activation: per image, in bands of ``rows`` whole
+    rows, per band each channel's ``rows * W`` floats in turn, ``stride`` floats apart (at
+    least ``rows * W``; the floats between are never read): the tensor (N, H / rows, C,
+    ``stride``) whose ``[..., : rows * W]`` holds the values. One band (``rows == H``) is NCHW
+    with its planes padded to ``stride`` floats."""
+
+    rows: int
+    stride: int
+
+    def floats(self, shape: Sequence[int]) -> int:
+        """Floats of an activation of (N, C, H, W) ``shape`` in these bands."""
+        n, c, h, _ = shape
+        return n * (h // self.rows) * c * self.stride
+
+    def check(self, shape: Sequence[int]) -> None:
+        """Raises ValueError where these bands do not fit (N, C, H, W) ``shape``."""
+        h, w = shape[2], shape[3]
+        if self.rows < 1 or h % self.rows:
+            raise ValueError(f"bands of {self.rows} rows must divide the height {h}")
+        if self.stride < self.rows * w:
+            raise ValueError(
+                f"a band's stride of {self.stride} floats must hold its {self.rows} rows of "
+                f"{w} floats"
+            )
 
 
-def to_bands(x: torch.Tensor, rows: int) -> torch.Tensor:
-    """The NCHW ``x`` in bands of ``rows`` rows, as a contiguous (N, H / rows, C, rows * W)
-    tensor (for tests and for reading a chain's buffers)."""
+def _aligned(floats: int) -> int:
+    return -(-floats // STRIDE_FLOATS) * STRIDE_FLOATS
+
+
+def bands_for(height: int, width: int) -> Bands | None:
+    """The bands a chain holds an activation of (height, width) pixels in: the most whole rows
+    that fit ``BAND_FLOATS`` and divide ``height`` for an image of at least
+    ``BAND_MIN_PIXELS`` pixels whose rows fit ``BAND_FLOATS``; else one band. Either way each
+    channel's strip is ``STRIDE_FLOATS``-aligned; None (plain NCHW) where one band's planes
+    are already."""
+    if height * width >= BAND_MIN_PIXELS and width <= BAND_FLOATS:
+        rows = max(r for r in range(1, height + 1) if height % r == 0 and r * width <= BAND_FLOATS)
+        return Bands(rows, _aligned(rows * width))
+    if (height * width) % STRIDE_FLOATS:
+        return Bands(height, _aligned(height * width))
+    return None
+
+
+def to_bands(x: torch.Tensor, bands: Bands) -> torch.Tensor:
+    """The NCHW ``x`` in ``bands``, as a contiguous (N, H / rows, C, stride) tensor whose
+    padding is zero (for tests and for the inputs of a ``ChainedConv``). Raises ValueError
+    where the bands do not fit ``x``."""
+    bands.check(x.shape)
     n, c, h, w = x.shape
-    if rows < 1 or h % rows:
-        raise ValueError(f"bands of {rows} rows must divide the height {h}")
-    return x.reshape(n, c, h // rows, rows * w).transpose(1, 2).contiguous()
+    out = x.new_zeros(n, h // bands.rows, c, bands.stride)
+    out[..., : bands.rows * w] = x.reshape(n, c, h // bands.rows, bands.rows * w).transpose(1, 2)
+    return out
 
 
-def from_bands(banded: torch.Tensor, shape: tuple[int, int, int, int], rows: int) -> torch.Tensor:
-    """The NCHW tensor of ``shape`` that ``banded`` (any tensor of its floats, in bands of
-    ``rows`` rows) holds: the inverse of ``to_bands``."""
+def from_bands(
+    banded: torch.Tensor, shape: tuple[int, int, int, int], bands: Bands
+) -> torch.Tensor:
+    """The NCHW tensor of ``shape`` that ``banded`` (any tensor of its floats, in ``bands``)
+    holds: the inverse of ``to_bands``. Raises ValueError where the bands do not fit."""
+    bands.check(shape)
     n, c, h, w = shape
-    if rows < 1 or h % rows:
-        raise ValueError(f"bands of {rows} rows must divide the height {h}")
-    bands = banded.reshape(n, h // rows, c, rows * w)
-    return bands.transpose(1, 2).reshape(n, c, h, w).contiguous()
+    held = banded.reshape(n, h // bands.rows, c, bands.stride)[..., : bands.rows * w]
+    return held.transpose(1, 2).reshape(n, c, h, w).contiguous()
 
 
 def banded_product(
     layer: SparseConv2d,
     shape: tuple[int, ...],
-    source_rows: int | None,
-    out_rows: int | None,
+    source: Bands | None,
+    out: Bands | None,
 ) -> PackedCall:
-    """``layer``'s product on an input of (N, C, H, W) ``shape`` (its plan built) held in bands
-    of ``source_rows`` rows, for an output in bands of ``out_rows`` (None: NCHW); it adds a
-    residual (laid out as its output) where ``adds_residual`` says so. A layer that reads its
-    input in place (a 1x1 conv, stride 1, no padding) takes bands on either side, one band per
-    part; one that reads a layout copy reads the copy (which reads the bands: ``COPY_BAND``)
-    and writes one output band per part. Raises ValueError where the bands do not divide the
-    heights."""
+    """``layer``'s product on an input of (N, C, H, W) ``shape`` (its plan built) held in
+    ``source`` bands (None: NCHW), for an output in ``out`` bands; it adds a residual (laid out
+    as its output) where ``adds_residual`` says so. A layer that reads its input in place (a
+    1x1 conv, stride 1, no padding) takes bands of the same rows on either side, one band per
+    part; one that reads a layout copy reads the copy (which reads the bands: ``COPY_BAND``,
+    ``COPY_STRIDE``) and writes one output band per part. Raises ValueError where the bands do
+    not fit the sizes."""
     n, _, h, w = shape
     layout, offsets = layer.layout(h, w)
     ksplit = layer.ksplit(h, w)
     kernel: GatherKernel = layer.kernel  # type: ignore[assignment]
     m, ho, wo = layer.out_channels, layout.out_h, layout.out_w
-    out_image = m * ho * wo
+    out_shape = (n, m, ho, wo)
+    out_image = m * ho * wo if out is None else out.floats(out_shape) // n
+    if source is not None:
+        source.check(shape)
+    if out is not None:
+        out.check(out_shape)
     if layout.in_place:  # input and output of one size: a band of each per part
-        rows = out_rows or source_rows
-        if rows is None:
+        bands = out or source
+        if bands is None:
             raise ValueError("an NCHW input and output take the layer's plan")
-        if h % rows:
-            raise ValueError(f"bands of {rows} rows must divide the height {h}")
-        band = rows * w
-        if source_rows is not None:
-            offsets = layer.band_offsets(band)
+        if source is not None and out is not None and source.rows != out.rows:
+            raise ValueError(f"bands of {source.rows} rows in and {out.rows} rows out")
+        band = bands.rows * w
+        source_floats = layout.floats
+        if source is not None:
+            offsets = layer.band_offsets(source.stride)
+            source_floats = source.floats(shape) // n
         parts = Parts(
-            count=h // rows,
-            source_step=band if source_rows is None else layout.channels * band,
-            out_step=band if out_rows is None else m * band,
-            out_row=ho * wo if out_rows is None else band,
+            count=h // bands.rows,
+            source_step=band if source is None else layout.channels * source.stride,
+            out_step=band if out is None else m * out.stride,
+            out_row=ho * wo if out is None else out.stride,
             out_image=out_image,
         )
-        return kernel.gather_call(offsets, layout.floats, n, band, w, w, layer.bias, ksplit, parts)
-    if out_rows is None:
+        return kernel.gather_call(offsets, source_floats, n, band, w, w, layer.bias, ksplit, parts)
+    if out is None:
         raise ValueError("a layer reading a layout copy into NCHW takes the layer's plan")
-    if ho % out_rows:
-        raise ValueError(f"bands of {out_rows} rows must divide the output height {ho}")
-    pitch = wo if out_rows == 1 else layout.pitch  # one row per part: no dropped columns
+    pitch = wo if out.rows == 1 else layout.pitch  # one row per part: no dropped columns
     parts = Parts(
-        count=ho // out_rows,
-        source_step=out_rows * layout.pitch,
-        out_step=m * out_rows * wo,
-        out_row=out_rows * wo,
+        count=ho // out.rows,
+        source_step=out.rows * layout.pitch,
+        out_step=m * out.stride,
+        out_row=out.stride,
         out_image=out_image,
     )
-    columns = (out_rows - 1) * layout.pitch + wo
+    columns = (out.rows - 1) * layout.pitch + wo
     return kernel.gather_call(
         offsets, layout.floats, n, columns, pitch, wo, layer.bias, ksplit, parts
     )
@@ -129,35 +193,36 @@ def layer_calls(
     layer: SparseConv2d,
     plan: GatherPlan,
     shape: tuple[int, ...],
-    source_rows: int | None,
-    out_rows: int | None,
+    source: Bands | None,
+    out: Bands | None,
 ) -> tuple[PackedCall | None, PackedCall]:
     """Private copies of ``plan``'s calls (``layer``'s, for an input of ``shape``) for an input
-    in bands of ``source_rows`` rows and an output in bands of ``out_rows`` (None: NCHW): the
-    layout copy (None where the layer reads its input in place), reading the bands, and the
-    product (``banded_product`` where a side is banded that the plan's cannot take)."""
-    if out_rows is None and (plan.copy is not None or source_rows is None):
+    in ``source`` bands and an output in ``out`` bands (None: NCHW): the layout copy (None
+    where the layer reads its input in place), reading the bands, and the product
+    (``banded_product`` where a side is banded that the plan's cannot take)."""
+    if out is None and (plan.copy is not None or source is None):
         product = plan.product.copy()
     else:
-        product = banded_product(layer, shape, source_rows, out_rows)
+        product = banded_product(layer, shape, source, out)
     copy = None
     if plan.copy is not None:
         copy = plan.copy.copy()
-        copy[COPY_BAND] = source_rows or 0
+        copy[COPY_BAND] = 0 if source is None else source.rows
+        copy[COPY_STRIDE] = 0 if source is None else source.stride
     return copy, product
 
 
-def adds_residual(layer: SparseConv2d, shape: tuple[int, ...], out_rows: int) -> bool:
+def adds_residual(layer: SparseConv2d, shape: tuple[int, ...], out: Bands) -> bool:
     """Whether ``layer``'s ``banded_product`` on an input of ``shape`` can add a residual to an
-    output in bands of ``out_rows`` rows: its rows are contiguous (a 1x1 conv read in place,
-    one row per band, or a copy whose rows have no dropped columns)."""
+    output in ``out`` bands: its rows are contiguous (a 1x1 conv read in place, one row per
+    band, or a copy whose rows have no dropped columns)."""
     layout, _ = layer.layout(shape[2], shape[3])
-    return layout.in_place or out_rows == 1 or layout.pitch == layout.out_w
+    return layout.in_place or out.rows == 1 or layout.pitch == layout.out_w
 
 
 class ChainedConv(nn.Module):
     """``layer`` as a ``NativeChain`` runs it on ``x``, to be timed (``tune.keep_faster``):
-    its input and its output in the bands ``band_rows`` gives their sizes (NCHW where it gives
+    its input and its output in the bands ``bands_for`` gives their sizes (NCHW where it gives
     none), the layout copy reading the bands, fixed buffers, and nothing allocated per call.
     With ``residual`` (N, M, Ho, Wo) the layer adds it (its output then NCHW where it cannot
     add it to bands); ``relu`` applies the ReLU after.
@@ -178,21 +243,25 @@ class ChainedConv(nn.Module):
         if plan is None:
             raise ValueError(f"{layer} has no native plan for a {tuple(x.shape)} input")
         self.x = x
-        source_rows, out_rows = band_rows(*x.shape[2:]), band_rows(*plan.out_shape[2:])
-        if out_rows is not None and residual is not None:
-            out_rows = out_rows if adds_residual(layer, x.shape, out_rows) else None
-        self.copy, self.product = layer_calls(layer, plan, x.shape, source_rows, out_rows)
-        self.out_shape, self.out_rows = plan.out_shape, out_rows
-        source = x.contiguous() if source_rows is None else to_bands(x, source_rows)
+        source_bands, out_bands = bands_for(*x.shape[2:]), bands_for(*plan.out_shape[2:])
+        if out_bands is not None and residual is not None:
+            out_bands = out_bands if adds_residual(layer, x.shape, out_bands) else None
+        self.copy, self.product = layer_calls(layer, plan, x.shape, source_bands, out_bands)
+        self.out_shape, self.out_bands = plan.out_shape, out_bands
+        source = x.contiguous() if source_bands is None else to_bands(x, source_bands)
         self.buffers_ = [source]  # what the calls' addresses point into
         if self.copy is not None:
             scratch = x.new_empty(x.shape[0], plan.source_floats)
             self.copy[COPY_SOURCE], self.copy[COPY_OUT] = source.data_ptr(), scratch.data_ptr()
             self.buffers_.append(scratch)
             source = scratch
-        self.out = x.new_empty(plan.out_shape)
+        self.out = (
+            x.new_empty(plan.out_shape)
+            if out_bands is None
+            else x.new_zeros(out_bands.floats(plan.out_shape))
+        )
         if residual is not None:
-            residual = residual.contiguous() if out_rows is None else to_bands(residual, out_rows)
+            residual = residual.contiguous() if out_bands is None else to_bands(residual, out_bands)
             self.buffers_.append(residual)
         self.product[GATHER_SOURCE], self.product[GATHER_OUT] = (
             source.data_ptr(),
@@ -215,6 +284,6 @@ class ChainedConv(nn.Module):
 
     def nchw(self) -> torch.Tensor:
         """The last output as an NCHW tensor."""
-        if self.out_rows is None:
+        if self.out_bands is None:
             return self.out
-        return from_bands(self.out, self.out_shape, self.out_rows)
+        return from_bands(self.out, self.out_shape, self.out_bands)

@@ -16,10 +16,12 @@ ones never leave the chain.
 
 Inside the chain, the activations of large images (ResNet-50's 56x56 and 28x28) live in bands
 of rows (``bands.py``): a 1x1 conv then reads one contiguous strip of its input per band, where
-NCHW gives it a short run in each channel's plane. A residual is laid out as the output it is
-added to, and the chain's input and output (and the head's input) stay NCHW. ResNet-50
-``magnitude:0.9`` at batch 1 ran in 0.933-0.937x the time (three in-process A/B runs of 60
-alternating rounds, AVX2 EPYC, 2 threads).
+NCHW gives it a short run in each channel's plane. ResNet-50 ``magnitude:0.9`` at batch 1 ran
+in 0.933-0.937x the time (three in-process A/B runs of 60 alternating rounds, AVX2 EPYC, 2
+threads). Smaller ones (14x14, 7x7) are NCHW with their planes padded to a multiple of 8
+floats, so that no vector load of a strip straddles a cache line (0.97-0.98x end to end). A
+residual is laid out as the output it is added to; the chain's input and output stay NCHW, and
+the head reads its input NCHW or in padded planes.
 
 It runs the layers one by one instead (the same results) for an input of another shape, dtype
 or device, while any layer has forward hooks (per-layer profiling) or global ones are set, and
@@ -51,7 +53,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules import module as module_hooks
 
-from benchlib.sparse.bands import adds_residual, band_rows, layer_calls
+from benchlib.sparse.bands import Bands, adds_residual, bands_for, layer_calls
 from benchlib.sparse.build import PackedCall
 from benchlib.sparse.direct import COPY_OUT, COPY_SOURCE, COPY_THREADS
 from benchlib.sparse.modules import GatherPlan, SparseConv2d
@@ -175,11 +177,14 @@ class _Binding:
         output_slot: tuple[PackedCall, int],
         out_shape: tuple[int, ...],
         buffers: list[torch.Tensor],
-        bands: list[int | None],
+        bands: list[Bands | None],
+        heights: list[int],
     ) -> None:
         self.shape, self.snapshots, self.out_shape = shape, snapshots, out_shape
         self.bands = bands
-        """Per layer, the rows per band of its output (``bands.py``; None: NCHW)."""
+        """Per layer, the bands its output is held in (``bands.py``; None: NCHW)."""
+        self.heights = heights
+        """Per layer, its output's height."""
         self.calls, self.input_slots, self.output_slot = calls, input_slots, output_slot
         self.buffers = buffers  # kept alive: the calls hold their addresses
         self.steps = (ctypes.c_int64 * (2 * len(calls)))(
@@ -187,6 +192,10 @@ class _Binding:
         )
         self.threads = 0
         self.lock = threading.Lock()
+
+    def layouts(self) -> list[tuple[Bands | None, int]]:
+        """Per layer, the bands of its output and its output's height."""
+        return list(zip(self.bands, self.heights, strict=True))
 
     def current(self, x: torch.Tensor) -> bool:
         """True when ``x``, every layer and the head are as when bound (and none has hooks)."""
@@ -259,10 +268,25 @@ class NativeChain(nn.Module):
         return list(self._bindings)
 
     def banded_layers(self) -> int:
-        """How many layers write their output in bands of rows (``bands.py``), the most of
-        any bound input shape (0 before the first binding)."""
+        """How many layers write their output in bands of rows (``bands.py``: more than one
+        band), the most of any bound input shape (0 before the first binding)."""
+        return self._held(one_band=False)
+
+    def padded_layers(self) -> int:
+        """How many layers write their output as NCHW planes padded to an aligned stride
+        (``bands.py``: one band), the most of any bound input shape (0 before the first
+        binding)."""
+        return self._held(one_band=True)
+
+    def _held(self, one_band: bool) -> int:
         return max(
-            (sum(rows is not None for rows in b.bands) for b in self._bindings.values()),
+            (
+                sum(
+                    bands is not None and (bands.rows == height) == one_band
+                    for bands, height in binding.layouts()
+                )
+                for binding in self._bindings.values()
+            ),
             default=0,
         )
 
@@ -316,7 +340,7 @@ def _bind(
             if residual.dtype != torch.float32 or not residual.is_contiguous():
                 return None
         plans.append(plan)
-    rows = _band_rows(layers, arguments, tensors, plans)
+    bands = _bands(layers, arguments, tensors, plans, head is not None)
     last_use = {ref: step for step, refs in enumerate(arguments) for ref in refs}
     scratch_floats = max(
         (x.shape[0] * plan.source_floats for plan in plans if plan.copy is not None), default=0
@@ -339,7 +363,7 @@ def _bind(
     last = len(layers) - 1
     for step, (layer, refs, plan) in enumerate(zip(layers, arguments, plans, strict=True)):
         shape = tensors[refs[0]].shape
-        copy, product = layer_calls(layer, plan, shape, rows[refs[0]], rows[step])
+        copy, product = layer_calls(layer, plan, shape, bands[refs[0]], bands[step])
         if copy is not None:
             address(refs[0], copy, COPY_SOURCE)
             copy[COPY_OUT] = scratch.data_ptr()
@@ -354,15 +378,16 @@ def _bind(
         if step == last and head is None:
             output_slot = (product, GATHER_OUT)
         elif step == last:  # its own buffer, read by the head's steps below
-            features = x.new_empty(plan.out_shape)
+            features = x.new_empty(_floats(plan.out_shape, bands[step]))
             buffers.append(features)
             product[GATHER_OUT] = features.data_ptr()
         else:
-            spare = free.setdefault(torch.Size(plan.out_shape).numel(), [])
+            floats = _floats(plan.out_shape, bands[step])
+            spare = free.setdefault(floats, [])
             if spare:
-                out = spare.pop().view(plan.out_shape)
+                out = spare.pop()
             else:
-                out = x.new_empty(plan.out_shape)
+                out = x.new_empty(floats)
                 buffers.append(out)
             placed[step] = out
             product[GATHER_OUT] = out.data_ptr()
@@ -376,62 +401,75 @@ def _bind(
         for layer, plan in zip(layers, plans, strict=True)
     ]
     if head is not None:
-        steps = _head_steps(head, features)
+        steps = _head_steps(head, features, plans[-1].out_shape, bands[last])
         if steps is None:
             return None
         head_calls, output_slot, out_shape = steps
         calls.extend(head_calls)
         snapshots.append(_HeadSnapshot.of(head))
     assert output_slot is not None
-    bands = [rows[step] for step in range(len(layers))]
     return _Binding(
-        tuple(x.shape), snapshots, calls, input_slots, output_slot, out_shape, buffers, bands
-    )
+        tuple(x.shape), snapshots, calls, input_slots, output_slot, out_shape, buffers,
+        [bands[step] for step in range(len(layers))],
+        [plan.out_shape[2] for plan in plans],
+    )  # fmt: skip
 
 
-def _band_rows(
+def _floats(shape: tuple[int, ...], bands: Bands | None) -> int:
+    """Floats of an activation of ``shape`` held in ``bands`` (None: NCHW)."""
+    return torch.Size(shape).numel() if bands is None else bands.floats(shape)
+
+
+def _bands(
     layers: list[SparseConv2d],
     arguments: list[tuple[int, ...]],
     tensors: list[torch.Tensor],
     plans: list[GatherPlan],
-) -> dict[int, int | None]:
-    """Rows per band of each step's output inside the chain (``bands.band_rows`` of its size;
-    None: NCHW), and None for the chain's input (``CHAIN_INPUT``). NCHW as well: the last
-    step's output (the chain's, or the head's input), and both a residual and the output it is
-    added to wherever either is NCHW or the layer cannot add it to bands (the residual is laid
-    out as the output)."""
-    rows: dict[int, int | None] = {CHAIN_INPUT: None}
+    head: bool,
+) -> dict[int, Bands | None]:
+    """The bands each step's output is held in inside the chain (``bands.bands_for`` of its
+    size; None: NCHW), and None for the chain's input (``CHAIN_INPUT``). NCHW as well: the
+    last step's output where the chain returns it, or, read by a ``head``, where it is in more
+    than one band; and both a residual and the output it is added to wherever either is NCHW
+    or the layer cannot add it to bands (the residual is laid out as the output)."""
+    bands: dict[int, Bands | None] = {CHAIN_INPUT: None}
+    last = len(plans) - 1
     for step, plan in enumerate(plans):
-        rows[step] = None if step == len(plans) - 1 else band_rows(*plan.out_shape[2:])
+        bands[step] = bands_for(*plan.out_shape[2:])
+    held = bands[last]
+    if not head or (held is not None and held.rows != plans[last].out_shape[2]):
+        bands[last] = None
     changed = True
     while changed:
         changed = False
         for step, refs in enumerate(arguments):
             if len(refs) < 2:
                 continue
-            out_rows, shape = rows[step], tensors[refs[0]].shape
-            if out_rows is not None and (
-                out_rows != rows[refs[1]] or not adds_residual(layers[step], shape, out_rows)
+            out, shape = bands[step], tensors[refs[0]].shape
+            if out is not None and (
+                out != bands[refs[1]] or not adds_residual(layers[step], shape, out)
             ):
-                rows[step] = None
+                bands[step] = None
                 changed = True
-            if rows[refs[1]] is not None and rows[step] is None:
-                rows[refs[1]] = None
+            if bands[refs[1]] is not None and bands[step] is None:
+                bands[refs[1]] = None
                 changed = True
-    return rows
+    return bands
 
 
 def _head_steps(
-    head: Head, features: torch.Tensor
+    head: Head, features: torch.Tensor, shape: tuple[int, ...], bands: Bands | None
 ) -> tuple[list[tuple[int, PackedCall]], tuple[PackedCall, int], tuple[int, ...]] | None:
-    """The native steps of ``head`` on the last layer's output ``features`` (N, C, H, W): the
-    calls, the slot of the output's address, and the output's shape; None where its linear
-    layer is not a contiguous fp32 CPU one taking C features."""
-    images, channels, height, width = features.shape
+    """The native steps of ``head`` on the last layer's output ``features`` of (N, C, H, W)
+    ``shape``, NCHW or in one band of ``bands`` (its planes ``bands.stride`` floats apart):
+    the calls, the slot of the output's address, and the output's shape; None where its
+    linear layer is not a contiguous fp32 CPU one taking C features."""
+    images, channels, height, width = shape
     planes = (features.data_ptr(), images * channels, height * width)
+    stride = 0 if bands is None else bands.stride
     linear = head.linear
     if linear is None:  # the pool writes the chain's output (its address set per call)
-        mean = PackedCall(library().mean_planes_packed, (*planes, 0, 1), (features,))
+        mean = PackedCall(library().mean_planes_packed, (*planes, 0, 1, stride), (features,))
         return [(POOL_STEP, mean)], (mean, POOL_OUT), (images, channels, 1, 1)
     weight, bias = linear.weight, linear.bias
     if (
@@ -444,7 +482,9 @@ def _head_steps(
         return None
     pooled = features.new_empty(images, channels)
     mean = PackedCall(
-        library().mean_planes_packed, (*planes, pooled.data_ptr(), 1), (features, pooled)
+        library().mean_planes_packed,
+        (*planes, pooled.data_ptr(), 1, stride),
+        (features, pooled),
     )
     product = PackedCall(
         library().dense_linear_packed,

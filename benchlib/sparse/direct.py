@@ -33,9 +33,10 @@ from benchlib.sparse.build import NativeLibrary, PackedCall, load_library
 INT32_MAX = 2**31 - 1
 COPY_SOURCE, COPY_OUT, COPY_THREADS = 0, 14, 15
 """The arguments of a ``copy_call`` set per call (indices into ``benchlib_conv_layout``'s)."""
-COPY_BAND = 16
-"""The argument of a ``copy_call`` giving the source's rows per band (``bands.py``); 0, as
-built, reads an NCHW source."""
+COPY_BAND, COPY_STRIDE = 16, 17
+"""The arguments of a ``copy_call`` giving the source's rows per band and the floats from one
+channel's rows of a band to the next (``bands.py``); 0 and 0, as built, read an NCHW
+source."""
 ALIGN = 16
 """Floats per 64 bytes (a cache line, an AVX-512 vector)."""
 
@@ -167,7 +168,8 @@ class ConvLayout:
         """The native copy of ``source`` for ``images`` images as a ``PackedCall``: per call
         the caller sets ``COPY_SOURCE`` (a contiguous fp32 NCHW input of this layout's size),
         ``COPY_OUT`` (an (images, floats) fp32 buffer) and ``COPY_THREADS``, and may set
-        ``COPY_BAND`` (the input then in bands of that many rows, ``bands.py``). Raises
+        ``COPY_BAND`` and ``COPY_STRIDE`` (the input then in bands of that many rows, each
+        channel's rows of a band that many floats apart, ``bands.py``). Raises
         RuntimeError where the native kernels are unavailable."""
         loaded = load_library()
         if not isinstance(loaded, NativeLibrary):
@@ -176,7 +178,7 @@ class ConvLayout:
         args = (
             0, images, self.channels, self.height, self.width, phases.data_ptr(),
             len(self.phases), *self.stride, self.padding[0], self.padding[2], self.phase_h,
-            self.phase_w, self.plane, 0, 1, 0,
+            self.phase_w, self.plane, 0, 1, 0, 0,
         )  # fmt: skip
         return PackedCall(loaded.conv_layout_packed, args, (phases,))
 

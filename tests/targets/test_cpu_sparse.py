@@ -289,7 +289,8 @@ def test_every_layer_runs_sparse_at_threshold_one(tiny_model: Model) -> None:
         "chained": 2,
         "avgpools_chained": 1,  # the tiny net's head pool joins its chain
         "linears_chained": 0,  # its classifier runs sparse too: not a dense nn.Linear
-        "banded": 0,  # 16x16 images stay NCHW (bands.BAND_MIN_PIXELS)
+        "banded": 0,  # 16x16 images stay in one band (bands.BAND_MIN_PIXELS)
+        "padded_planes": 0,  # whose planes of 256 floats are aligned already
     }
     assert prepared.info["dense_layers"] == 0
     assert prepared.info["weight_bytes_plans"] > 0  # built in prepare: the entry offsets

@@ -24,15 +24,17 @@ inline float lane_sum(V::T lanes) {
 
 extern "C" {
 
-// out[p] = the mean of the `plane` contiguous floats of plane p of x, for p in [0, planes):
-// the global average pool of a contiguous NCHW x (planes = images * channels). Summed in
-// V::W lanes, then the lanes and the tail in order, in fp32 as torch's adaptive_avg_pool2d
-// (only the order of the sums differs).
+// out[p] = the mean of the `plane` contiguous floats of plane p of x, for p in [0, planes),
+// planes `stride` floats apart (0: plane; else at least plane): the global average pool of an
+// NCHW x (planes = images * channels), its planes padded or not. Summed in V::W lanes, then
+// the lanes and the tail in order, in fp32 as torch's adaptive_avg_pool2d (only the order of
+// the sums differs).
 int benchlib_mean_planes(const float* x, int64_t planes, int64_t plane, float* out,
-                         int threads) {
+                         int threads, int64_t stride) {
+  if (stride < plane) stride = plane;
   parallel_rows(planes, planes * plane < 32768 ? 1 : threads, [&](int64_t t, int64_t parts) {
     for (int64_t p = planes * t / parts; p < planes * (t + 1) / parts; ++p) {
-      const float* src = x + p * plane;
+      const float* src = x + p * stride;
       V::T lanes = V::zero();
       int64_t k = 0;
       for (; k + V::W <= plane; k += V::W) lanes = V::add(lanes, V::load(src + k));
@@ -47,7 +49,7 @@ int benchlib_mean_planes(const float* x, int64_t planes, int64_t plane, float* o
 // benchlib_mean_planes with its arguments packed in one array, in the same order.
 int benchlib_mean_planes_packed(const int64_t* a) {
   return benchlib_mean_planes(packed_ptr<const float>(a, 0), a[1], a[2], packed_ptr<float>(a, 3),
-                              static_cast<int>(a[4]));
+                              static_cast<int>(a[4]), a[5]);
 }
 
 // y[b][m] = bias[m] + sum_k w[m][k] * x[b][k] for b in [0, images), m in [0, M): a dense

@@ -81,17 +81,19 @@ PhaseSpan phase_span(int64_t a, int64_t c0, int64_t height, int64_t width, int64
 // phase_w: the rest of a plane is zeroed). A plane is written front to back in runs: the zeros
 // before the first input row, then per input row its segment and the zeros up to the next one.
 // x may come in bands of `band` rows (benchlib/sparse/bands.py: per band, each channel's rows
-// of it in turn); band == height is NCHW.
+// of it in turn, `stride` >= band * width floats apart); band == height with stride == height
+// * width is NCHW.
 void layout_range(const float* x, int64_t channels, int64_t height, int64_t width, int64_t band,
-                  const PhaseSpan* spans, int64_t phase_count, int64_t sh, int64_t sw,
-                  int64_t top, int64_t left, int64_t phase_w, int64_t plane, float* out,
-                  int64_t begin, int64_t end) {
+                  int64_t stride, const PhaseSpan* spans, int64_t phase_count, int64_t sh,
+                  int64_t sw, int64_t top, int64_t left, int64_t phase_w, int64_t plane,
+                  float* out, int64_t begin, int64_t end) {
   int64_t p = begin % phase_count, c = (begin / phase_count) % channels;
   int64_t b = begin / (channels * phase_count);
-  const int64_t band_floats = channels * band * width;  // from one band to the next
+  const int64_t band_floats = channels * stride;  // from one band to the next
+  const int64_t image_floats = (height / band) * band_floats;
   for (int64_t task = begin; task < end; ++task) {
     const PhaseSpan& s = spans[p];
-    const float* image = x + b * channels * height * width + c * band * width;
+    const float* image = x + b * image_floats + c * stride;
     float* dst = out + ((b * phase_count + p) * channels + c) * plane;
     const int64_t n = s.j1 - s.j0;
     if (s.i1 == s.i0) {  // the phase reads no input (a tiny input, or a wide padding)
@@ -191,13 +193,15 @@ int benchlib_max_pool2d(const float* x, int64_t planes, int64_t height, int64_t 
 
 // Writes the (images, phase_count, channels, plane) phase images (phase_h x phase_w each, at
 // the start of its plane) of the contiguous input x (see layout_range): NCHW, or in bands of
-// `band` rows where 0 < band < height (band must divide height); phases holds phase_count
+// `band` rows where 0 < band <= height (band must divide height), each channel's rows of a
+// band `stride` floats apart (0: band * width; else at least that); phases holds phase_count
 // (row, col) origins.
 int benchlib_conv_layout(const float* x, int64_t images, int64_t channels, int64_t height,
                          int64_t width, const int32_t* phases, int64_t phase_count, int64_t sh,
                          int64_t sw, int64_t top, int64_t left, int64_t phase_h, int64_t phase_w,
-                         int64_t plane, float* out, int threads, int64_t band) {
+                         int64_t plane, float* out, int threads, int64_t band, int64_t stride) {
   if (band <= 0 || band > height) band = height;
+  if (stride < band * width) stride = band * width;
   const int64_t tasks = images * phase_count * channels;
   const int64_t work = tasks * plane;
   std::vector<PhaseSpan> spans;
@@ -205,8 +209,8 @@ int benchlib_conv_layout(const float* x, int64_t images, int64_t channels, int64
     spans.push_back(phase_span(phases[2 * p], phases[2 * p + 1], height, width, sh, sw, top,
                                left, phase_h, phase_w));
   parallel_rows(tasks, work < 32768 ? 1 : threads, [&](int64_t t, int64_t parts) {
-    layout_range(x, channels, height, width, band, spans.data(), phase_count, sh, sw, top,
-                 left, phase_w, plane, out, tasks * t / parts, tasks * (t + 1) / parts);
+    layout_range(x, channels, height, width, band, stride, spans.data(), phase_count, sh, sw,
+                 top, left, phase_w, plane, out, tasks * t / parts, tasks * (t + 1) / parts);
   });
   return 0;
 }
@@ -217,7 +221,7 @@ int benchlib_conv_layout_packed(const int64_t* a) {
   return benchlib_conv_layout(packed_ptr<const float>(a, 0), a[1], a[2], a[3], a[4],
                               packed_ptr<const int32_t>(a, 5), a[6], a[7], a[8], a[9], a[10],
                               a[11], a[12], a[13], packed_ptr<float>(a, 14),
-                              static_cast<int>(a[15]), a[16]);
+                              static_cast<int>(a[15]), a[16], a[17]);
 }
 
 }  // extern "C"
