@@ -38,6 +38,7 @@ from benchlib.sparse import (
 )
 from benchlib.sparse.bands import Bands, to_bands
 from benchlib.sparse.build import build, cache_dir, compiler
+from benchlib.sparse.direct import ALIGN
 from benchlib.sparse.native import ColumnBlocks
 from benchlib.sparse.tiling import L2_FLOATS, column_block
 from benchlib.target import Precision
@@ -828,20 +829,46 @@ def test_a_much_reused_pointwise_input_is_copied_into_aligned_planes_by_avx512_k
     x = torch.randn(2, 8, 7, 7)
     with torch.no_grad():
         assert relative_error(sparse(x), conv(x)) <= EXACT
-    aligned = ConvLayout.of(3, (5, 5), (1, 1), (1, 1), (1, 1), (0, 0, 0, 0), align=True)
+    aligned = ConvLayout.of(3, (5, 5), (1, 1), (1, 1), (1, 1), (0, 0, 0, 0), align=ALIGN)
     source = aligned.source(torch.arange(75, dtype=torch.float32).reshape(1, 3, 5, 5))
     assert source.reshape(3, 32)[:, 25:].abs().sum() == 0  # the padding of each plane is zero
     assert source.reshape(3, 32)[1, :25].tolist() == list(range(25, 50))
 
 
+def test_a_strided_pointwise_conv_copies_its_input_into_32_byte_aligned_planes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A 1x1 conv whose input is copied anyway (stride 2, or padding) rounds the copy's planes
+    up to 8 floats; a 3x3 conv and an in-place 1x1 conv keep theirs."""
+    monkeypatch.setattr("benchlib.sparse.tiling.ALIGN_ISAS", frozenset())
+    torch.manual_seed(0)
+    cases = [  # kernel, stride, padding: plane of a 14x14 input, read in place
+        (1, 2, 0, 56, False),
+        (1, 1, 1, 256, False),
+        (1, 1, 0, 196, True),
+        (3, 2, 1, 64, False),
+        (3, 1, 1, 256, False),
+    ]
+    for kernel, stride, padding, plane, in_place in cases:
+        conv = nn.Conv2d(8, 16, kernel, stride, padding).eval()
+        sparsify_weight(conv, 0.5, kernel, "none")
+        sparse = SparseConv2d.from_dense(conv, NativeSparseMatrix)
+        layout, _ = sparse.layout(14, 14)
+        assert (layout.plane, layout.in_place) == (plane, in_place), (kernel, stride, padding)
+        x = torch.randn(2, 8, 14, 14)
+        with torch.no_grad():
+            assert relative_error(sparse(x), conv(x)) <= EXACT
+
+
 @pytest.mark.parametrize(
     ("kernel", "stride", "dilation", "padding", "align"),
     [
-        (3, 2, 1, 1, False),
-        (1, 1, 1, 0, True),
-        (3, 1, 2, 2, False),
-        (1, 2, 1, 0, True),
-        (5, 3, 1, 2, False),
+        (3, 2, 1, 1, 1),
+        (1, 1, 1, 0, 16),
+        (3, 1, 2, 2, 1),
+        (1, 2, 1, 0, 16),
+        (1, 2, 1, 0, 8),
+        (5, 3, 1, 2, 1),
     ],
 )
 def test_the_native_layout_copy_equals_the_torch_one(
@@ -850,7 +877,7 @@ def test_the_native_layout_copy_equals_the_torch_one(
     stride: int,
     dilation: int,
     padding: int,
-    align: bool,
+    align: int,
 ) -> None:
     layout = ConvLayout.of(
         3,
@@ -877,17 +904,17 @@ def test_the_native_layout_copy_equals_the_torch_one(
     stride=st.integers(1, 3),
     dilation=st.integers(1, 2),
     padding=st.tuples(*[st.integers(0, 6)] * 4),
-    align=st.booleans(),
+    align=st.sampled_from([1, 8, 16]),
     threads=st.sampled_from([1, 2]),
     band_pick=st.integers(0, 8),
     pad=st.integers(0, 9),
 )
 # the last plane reads no input row while its rows have left padding (1 row, top padding 1,
 # stride 2): zeroing "the rows above and the first row's left padding" would overrun it
-@example(2, 1, 5, 1, 2, 1, (1, 0, 1, 0), False, 1, 0, 0)
-@example(3, 2, 7, 3, 3, 1, (5, 0, 4, 2), True, 2, 0, 0)
-@example(3, 12, 7, 3, 2, 1, (1, 1, 1, 1), False, 2, 3, 0)  # bands of 3 rows
-@example(3, 12, 7, 3, 2, 1, (1, 1, 1, 1), False, 2, 3, 5)  # their strips 26 floats apart
+@example(2, 1, 5, 1, 2, 1, (1, 0, 1, 0), 1, 1, 0, 0)
+@example(3, 2, 7, 3, 3, 1, (5, 0, 4, 2), 16, 2, 0, 0)
+@example(3, 12, 7, 3, 2, 1, (1, 1, 1, 1), 1, 2, 3, 0)  # bands of 3 rows
+@example(3, 12, 7, 3, 2, 1, (1, 1, 1, 1), 8, 2, 3, 5)  # their strips 26 floats apart
 def test_the_native_layout_copy_of_any_shape_writes_exactly_its_planes(
     channels: int,
     height: int,
@@ -896,7 +923,7 @@ def test_the_native_layout_copy_of_any_shape_writes_exactly_its_planes(
     stride: int,
     dilation: int,
     padding: tuple[int, int, int, int],
-    align: bool,
+    align: int,
     threads: int,
     band_pick: int,
     pad: int,

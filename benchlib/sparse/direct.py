@@ -62,9 +62,9 @@ class ConvLayout:
     phases: tuple[tuple[int, int], ...]
     """The (row, col) origins of the stored phase images, in storage order."""
     plane: int
-    """Floats from one channel's phase image to the next: ``phase_h * phase_w``, or that
-    rounded up to ``ALIGN`` when built with ``align`` (a 1x1 conv's reads then all start on a
-    64-byte boundary)."""
+    """Floats from one channel's phase image to the next: ``phase_h * phase_w`` rounded up to
+    a multiple of the ``align`` it was built with (``ALIGN``: a 1x1 conv's reads then all
+    start on a 64-byte boundary)."""
 
     @classmethod
     def of(
@@ -76,10 +76,11 @@ class ConvLayout:
         dilation: tuple[int, int],
         padding: tuple[int, int, int, int],
         *,
-        align: bool = False,
+        align: int = 1,
     ) -> ConvLayout:
         """The layout for an input of ``channels`` x ``size`` (height, width); ``align`` rounds
-        the planes up to ``ALIGN`` floats (a copy then, where the input could be read in place).
+        the planes up to a multiple of that many floats (a copy then, where the input could be
+        read in place).
         Raises ValueError when the input is smaller than the (dilated) kernel after padding, or
         an image would not fit int32 offsets."""
         top, bottom, left, right = padding
@@ -99,9 +100,7 @@ class ConvLayout:
                     for s in range(kernel_size[1])})
         )  # fmt: skip
         phase_h, phase_w = math.ceil(padded[0] / sh), math.ceil(padded[1] / sw)
-        plane = phase_h * phase_w
-        if align:
-            plane = -(-plane // ALIGN) * ALIGN
+        plane = -(-phase_h * phase_w // max(1, align)) * max(1, align)
         layout = cls(
             channels, size[0], size[1], kernel_size, stride, dilation, padding, out[0], out[1],
             phase_h, phase_w, phases, plane,
