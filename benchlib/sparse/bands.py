@@ -57,9 +57,9 @@ STRIDE_FLOATS = 8
 kernels' vector loads of a strip then never straddle a cache line (one in two does, for
 planes of 196 floats). Measured (AVX2 EPYC, 2 threads, in-process A/B of one layer, planes of
 196 / 49 floats against 200 / 56): ResNet-50's 1x1 convs at 14x14 and 7x7 at their
-``magnitude:0.9`` densities ran in 0.83-0.89x the time (512 -> 2048 @7x7 at 0.03: 0.92-0.97x);
-its 3x3 convs, whose taps read at every column offset anyway, 0.97-1.04x with their copies'
-planes rounded up (not done). Not measured on an AVX-512 machine (64-byte vectors)."""
+``magnitude:0.9`` densities ran in 0.83-0.89x the time (512 -> 2048 @7x7 at 0.03: 0.92-0.97x).
+A strided 1x1 conv's copy is aligned likewise (``tiling.COPY_ALIGN_1X1``). Not measured on an
+AVX-512 machine (64-byte vectors)."""
 
 
 @dataclass(frozen=True)
