@@ -151,6 +151,7 @@ class CpuSparse:
             "linears_chained": 0,
             "banded": 0,
             "padded_planes": 0,
+            "copies_fused": 0,
         }
         if self.fuse:
             traced = trace(model)
@@ -188,4 +189,5 @@ class CpuSparse:
             converted(*inputs)
         fusion["banded"] = sum(chain.banded_layers() for chain in chains)
         fusion["padded_planes"] = sum(chain.padded_layers() for chain in chains)
+        fusion["copies_fused"] = sum(chain.fused_copies() for chain in chains)
         return converted, layers, fusion

@@ -20,7 +20,10 @@ from benchlib.sparse.bands import (
     banded_product,
     bands_for,
     from_bands,
+    padded_product,
+    padded_start,
     to_bands,
+    writes_padded,
 )
 from benchlib.sparse.direct import COPY_BAND, COPY_OUT, COPY_SOURCE, COPY_STRIDE, COPY_THREADS
 from benchlib.sparse.modules import SparseConv2d
@@ -197,6 +200,58 @@ def test_a_banded_product_equals_the_layer(
     assert relative_error(got, expected) <= EXACT
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    height=st.integers(1, 12),
+    width=st.integers(1, 9),
+    batch=st.integers(1, 2),
+    pick=st.integers(0, 5),
+    pad=st.integers(0, 9),
+    padding=st.integers(1, 2),
+    threads=st.sampled_from([1, 2]),
+    seed=st.integers(0, 50),
+    block=st.sampled_from([1, 2, 4]),
+)
+def test_a_1x1_conv_writes_the_padded_copy_its_3x3_reader_would_make(
+    height: int,
+    width: int,
+    batch: int,
+    pick: int,
+    pad: int,
+    padding: int,
+    threads: int,
+    seed: int,
+    block: int,
+) -> None:
+    """``padded_product`` from an NCHW or banded input (bands of any height dividing the
+    image's, strips up to 9 floats apart): the buffer holds what the reader's layout copy of
+    the layer's own output holds, and the padding is never written."""
+    torch.manual_seed(seed)
+    writer = sparse_conv(6, 8, 1, 1, seed, block=block)
+    reader = sparse_conv(8, 4, 2 * padding + 1, 1, seed + 1)  # padded by kernel // 2
+    x = torch.randn(batch, 6, height, width)
+    target, _ = reader.layout(height, width)
+    assert writes_padded(writer, x.shape, target)
+    with torch.inference_mode():
+        expected = target.source(writer(x)).reshape(batch, 8, target.plane)
+    options = [None, *(r for r in range(1, height + 1) if height % r == 0)]
+    rows = options[pick % len(options)]
+    source_bands = None if rows is None else Bands(rows, rows * width + pad)
+    source = x if source_bands is None else padded_with_nan(x, source_bands)
+    out = torch.full((batch, 8, target.plane), float("nan"))
+    product = padded_product(writer, x.shape, source_bands, target)
+    product[GATHER_SOURCE] = source.data_ptr()
+    product[GATHER_OUT] = out.data_ptr() + 4 * padded_start(target)
+    product[GATHER_RELU], product[GATHER_THREADS] = int(writer.relu), threads
+    assert product() == 0
+    assert target.plane == target.phase_h * target.phase_w  # a kxk conv's planes: unaligned
+    interior = torch.zeros(batch, 8, target.phase_h, target.phase_w, dtype=torch.bool)
+    interior[:, :, padding : padding + height, padding : padding + width] = True
+    interior = interior.reshape(batch, 8, target.plane)
+    assert relative_error(out[interior], expected[interior]) <= EXACT
+    assert out[~interior].isnan().all()  # the padding is never written
+
+
 def test_a_3x3_conv_in_bands_of_one_row_adds_a_residual_and_of_two_does_not() -> None:
     layer = sparse_conv(4, 4, 3, 1, 1)
     x = torch.randn(1, 4, 8, 8)
@@ -213,10 +268,16 @@ def test_parts_that_leave_the_image_are_refused() -> None:
     offsets = (kernel.col * 8).to(torch.int32)
     ok = Parts(count=4, source_step=32, out_step=32, out_row=8, out_image=128)
     kernel.gather_call(offsets, 128, 1, 8, 8, 8, None, parts=ok)
+    two_rows = Parts(2, 16, 40, 10, 80, out_pitch=5)  # rows of 4 pixels, 5 floats apart
+    kernel.gather_call(offsets, 128, 1, 8, 4, 4, None, parts=two_rows)
+    too_close = Parts(2, 16, 40, 8, 80, out_pitch=5)  # a channel's 2 rows need 9 floats
+    with pytest.raises(ValueError, match="gather parts do not fit"):
+        kernel.gather_call(offsets, 128, 1, 8, 4, 4, None, parts=too_close)
     for bad in (
         Parts(count=5, source_step=32, out_step=32, out_row=8, out_image=128),  # reads past
         Parts(count=4, source_step=32, out_step=33, out_row=8, out_image=128),  # writes past
         Parts(count=4, source_step=32, out_step=32, out_row=4, out_image=128),  # rows overlap
+        Parts(4, 32, 32, 8, 128, out_pitch=4),  # pixel rows overlap
     ):
         with pytest.raises(ValueError, match="gather parts do not fit"):
             kernel.gather_call(offsets, 128, 1, 8, 8, 8, None, parts=bad)
@@ -237,10 +298,12 @@ def test_a_chain_at_32x32_runs_its_layers_in_bands_and_equals_the_model() -> Non
             for _ in range(2):
                 assert relative_error(graph(x), expected) <= EXACT
         binding = chain._bindings[(batch, 64, 32, 32)]
-        # layer1 and layer2's first 1x1 conv write 32x32 outputs, the rest 16x16 or less,
-        # whose planes of 256, 64 and 16 floats are aligned already
-        assert binding.bands == [Bands(2, 64)] * 5 + [None] * 14
-    assert chain.banded_layers() == 5
+        # layer1 and layer2's first 1x1 conv write 32x32 outputs (but layer1's first, which
+        # writes the padded input of its 3x3 conv), the rest 16x16 or less, whose planes of
+        # 256, 64 and 16 floats are aligned already
+        assert binding.bands == [None] + [Bands(2, 64)] * 4 + [None] * 14
+        assert binding.fused_copies == 2  # and layer2's second block's first 1x1 conv
+    assert chain.banded_layers() == 4
     assert chain.padded_layers() == 0
 
 
@@ -260,11 +323,11 @@ def test_a_chain_holds_planes_of_unaligned_sizes_padded_and_its_head_reads_them(
             for _ in range(2):
                 assert relative_error(graph(x), expected) <= EXACT
         binding = chain._bindings[(batch, 64, 24, 24)]
-        # layer1 and layer2's first 1x1 conv (24x24), layer2's others (12x12), layer3's four
-        # (6x6) and layer4's three (3x3, the head's input)
-        expected_bands = [Bands(2, 48)] * 5 + [None] * 7 + [Bands(6, 40)] * 4
+        # layer1 and layer2's first 1x1 conv (24x24; but the writer of a padded copy),
+        # layer2's others (12x12), layer3's four (6x6) and layer4's three (3x3, the head's)
+        expected_bands = [None] + [Bands(2, 48)] * 4 + [None] * 7 + [Bands(6, 40)] * 4
         assert binding.bands == expected_bands + [Bands(3, 16)] * 3
-    assert (chain.banded_layers(), chain.padded_layers()) == (5, 7)
+    assert (chain.banded_layers(), chain.padded_layers()) == (4, 7)
 
 
 class ResidualFromInput(nn.Module):
@@ -376,3 +439,59 @@ def test_column_blocked_calls_share_one_block_major_copy_of_the_values() -> None
         kernel.values.mul_(2)
     kernel.gather(source, offsets, 3, 3, 3, second, None, ksplit=ksplit)
     assert torch.allclose(second, 2 * first, rtol=1e-5, atol=1e-6)
+
+
+def test_the_writers_of_one_padded_layout_share_a_buffer_whose_padding_stays_zero() -> None:
+    """Three bottlenecks at 32x32 (their first 1x1 convs write their 3x3 convs' padded input,
+    one zeroed buffer for the three), run three times: each call equals the model."""
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    torch.manual_seed(0)
+    model = ResNet(Bottleneck, [3, 1, 1, 1], num_classes=10).eval()
+    for index, module in enumerate(model.modules()):
+        if isinstance(module, nn.Conv2d) and module is not model.conv1:
+            sparsify_weight(module, 0.8, index, "none")
+    graph = converted(copy.deepcopy(model))
+    [chain] = chains(graph)
+    x = torch.randn(1, 3, 128, 128)
+    with torch.inference_mode():
+        expected = model(x)
+        for _ in range(3):
+            assert relative_error(graph(x), expected) <= EXACT
+    binding = chain._bindings[(1, 64, 32, 32)]
+    assert binding.fused_copies == 3  # layer1's blocks (the others' 3x3 convs are strided)
+    products = [call for kind, call in binding.calls if kind == 0]
+    # the first 1x1 conv of each block (layers 0, 4 and 7) writes at one address
+    assert products[0][GATHER_OUT] == products[4][GATHER_OUT] == products[7][GATHER_OUT]
+    assert len({call[GATHER_OUT] for call in products}) > 3
+
+
+class PaddedThenSameSize(nn.Module):
+    """A 1x1 conv writing its 3x3 reader's padded input (4 channels of 6x6 = 144 floats), then
+    a 1x1 conv whose output has as many floats (9 channels of 4x4), then a last one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 1)  # the first conv stays dense
+        self.a, self.b = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 3, padding=1)
+        self.c, self.d = nn.Conv2d(4, 9, 1), nn.Conv2d(9, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        return self.d(torch.relu(self.c(torch.relu(self.b(torch.relu(self.a(x)))))))
+
+
+def test_a_padded_buffer_is_never_handed_to_another_layer() -> None:
+    """The padded images stay out of the pool of freed buffers: the next layer's output of the
+    same size takes a buffer of its own, so the padding is still zero on the next call."""
+    model = PaddedThenSameSize().eval()
+    for index, layer in enumerate((model.a, model.b, model.c, model.d)):
+        sparsify_weight(layer, 0.5, index, "none")
+    graph = converted(model)
+    [chain] = chains(graph)
+    x = torch.randn(1, 3, 4, 4)
+    with torch.inference_mode():
+        expected = model(x)
+        for _ in range(3):
+            assert relative_error(graph(x), expected) <= EXACT
+    assert chain._bindings[(1, 4, 4, 4)].fused_copies == 1

@@ -30,6 +30,7 @@ FUSIONS = (
     ("linears_chained", "linear chained"),
     ("banded", "layers banded"),
     ("padded_planes", "layers in padded planes"),
+    ("copies_fused", "layout copies fused"),
 )
 """``info["fusion"]`` counts as shown, in this order."""
 

@@ -9,7 +9,9 @@ one short run per channel plane, each in another page; and it writes its output 
 way. A conv whose source is a layout copy (padded or strided) reads a banded input through the
 copy (``COPY_BAND``, ``COPY_STRIDE``) and can write a banded output as well, one band per part.
 A small image is held in one band: NCHW, its planes padded to an aligned ``stride`` where
-``H * W`` is not a multiple of ``STRIDE_FLOATS``.
+``H * W`` is not a multiple of ``STRIDE_FLOATS``. A 1x1 conv whose reader is a 3x3 conv can
+instead write the zero-padded images that reader's layout copy would make (``padded_product``;
+``chain._fused_copies``).
 
 Measured on the AVX2 EPYC (2 threads, in-process A/B). ResNet-50's 1x1 convs at their
 ``magnitude:0.9`` densities, both sides banded against both NCHW: 56x56 in bands of one row
@@ -36,7 +38,14 @@ import torch
 from torch import nn
 
 from benchlib.sparse.build import PackedCall
-from benchlib.sparse.direct import COPY_BAND, COPY_OUT, COPY_SOURCE, COPY_STRIDE, COPY_THREADS
+from benchlib.sparse.direct import (
+    COPY_BAND,
+    COPY_OUT,
+    COPY_SOURCE,
+    COPY_STRIDE,
+    COPY_THREADS,
+    ConvLayout,
+)
 from benchlib.sparse.modules import GatherKernel, GatherPlan, SparseConv2d
 from benchlib.sparse.native import (
     GATHER_OUT,
@@ -186,6 +195,64 @@ def banded_product(
     columns = (out.rows - 1) * layout.pitch + wo
     return kernel.gather_call(
         offsets, layout.floats, n, columns, pitch, wo, layer.bias, ksplit, parts
+    )
+
+
+def writes_padded(layer: SparseConv2d, shape: tuple[int, ...], target: ConvLayout) -> bool:
+    """Whether ``layer`` (on an input of ``shape``) can write its output straight into the
+    zero-padded ``target`` layout that a next conv's copy would make of it (``padded_product``):
+    the layer reads its input in place (a 1x1 conv, stride 1, no padding) and the target is
+    one padded image (stride 1) of its output's size and channels."""
+    layout, _ = layer.layout(shape[2], shape[3])
+    return (
+        layout.in_place
+        and target.phases == ((0, 0),)
+        and target.stride == (1, 1)
+        and (target.channels, target.height, target.width)
+        == (layer.out_channels, layout.out_h, layout.out_w)
+        and target.padding[0] + target.height <= target.phase_h
+        and target.padding[2] + target.width <= target.phase_w
+    )
+
+
+def padded_start(target: ConvLayout) -> int:
+    """Floats from the start of a ``target`` image to its first input pixel (past the top and
+    left padding): where ``padded_product``'s output address points."""
+    return target.padding[0] * target.phase_w + target.padding[2]
+
+
+def padded_product(
+    layer: SparseConv2d, shape: tuple[int, ...], source: Bands | None, target: ConvLayout
+) -> PackedCall:
+    """``layer``'s product on an input of (N, C, H, W) ``shape`` held in ``source`` bands (None:
+    NCHW), writing its output into the zero-padded ``target`` layout (``writes_padded``) whose
+    buffer, at ``padded_start(target)`` floats, the caller sets as the output: each output
+    row at its place in the padded plane (``Parts.out_pitch``), one band per part. The padding
+    is never written (the caller zeroes it once), so the next conv reads the buffer as its
+    copy. Raises ValueError where the layer cannot (``writes_padded``)."""
+    if not writes_padded(layer, shape, target):
+        raise ValueError(f"{layer} cannot write into the padded layout {target}")
+    n, c, h, w = shape
+    layout, offsets = layer.layout(h, w)
+    kernel: GatherKernel = layer.kernel  # type: ignore[assignment]
+    own = bands_for(h, w)  # an NCHW input: a part per band of the output's size
+    rows = source.rows if source is not None else h if own is None else own.rows
+    source_floats = layout.floats
+    if source is not None:
+        source.check(shape)
+        offsets = layer.band_offsets(source.stride)
+        source_floats = source.floats(shape) // n
+    parts = Parts(
+        count=h // rows,
+        source_step=rows * w if source is None else c * source.stride,  # NCHW: a row's start
+        out_step=rows * target.phase_w,
+        out_row=target.plane,
+        out_image=target.floats,
+        out_pitch=target.phase_w,
+    )
+    band = rows * w
+    return kernel.gather_call(
+        offsets, source_floats, n, band, w, w, layer.bias, layer.ksplit(h, w), parts
     )
 
 

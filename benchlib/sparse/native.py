@@ -55,13 +55,15 @@ class Parts:
     part t of image b is read at ``source + b * source_floats + t * source_step`` and written
     at ``out + b * out_image + t * out_step``, its rows ``out_row`` floats apart; a residual
     is laid out as the output. Where ``bands.py`` stores activations in bands of rows, a part
-    is one band."""
+    is one band. Within a row, the output's rows of pixels lie ``out_pitch`` floats apart (0:
+    the row length, packed; more: the padded layout a next conv reads, no residual then)."""
 
     count: int
     source_step: int
     out_step: int
     out_row: int
     out_image: int
+    out_pitch: int = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -276,7 +278,7 @@ class NativeSparseMatrix(nn.Module):
             None if residual is None else residual.data_ptr(),
             None if ksplit is None else ksplit.bounds.data_ptr(),
             0 if ksplit is None else ksplit.blocks,
-            torch.get_num_threads(), 1, 0, 0,
+            torch.get_num_threads(), 1, 0, 0, 0,
         )  # fmt: skip
         if status:
             raise ValueError(f"the native kernel refused its operands (status {status})")
@@ -327,7 +329,7 @@ class NativeSparseMatrix(nn.Module):
             parts.out_image, parts.out_row, 0, 0,
             None if ksplit is None else ksplit.bounds.data_ptr(),
             0 if ksplit is None else ksplit.blocks, 1, parts.count, parts.source_step,
-            parts.out_step,
+            parts.out_step, parts.out_pitch,
         )  # fmt: skip
         keep = (self.rowptr, offsets, values, bias, ksplit)
         return PackedCall(library().gather_packed, args, keep)
@@ -344,6 +346,8 @@ class NativeSparseMatrix(nn.Module):
         """``gather_call``'s checks with ``parts``: every part's reads and writes inside its
         image (the last part's last column read, the last row's last output written)."""
         rows_out = -(-columns // pitch) if columns > 0 and pitch > 0 else 0
+        out_pitch = parts.out_pitch or row_length
+        channel_floats = (rows_out - 1) * out_pitch + row_length if rows_out else 0
         last_read = (
             (int(offsets.max()) if offsets.numel() else 0)
             + (parts.count - 1) * parts.source_step
@@ -352,7 +356,7 @@ class NativeSparseMatrix(nn.Module):
         last_write = (
             (parts.count - 1) * parts.out_step
             + (self.shape[0] - 1) * parts.out_row
-            + rows_out * row_length
+            + channel_floats
         )
         if (
             offsets.dtype != torch.int32
@@ -361,9 +365,10 @@ class NativeSparseMatrix(nn.Module):
             or parts.count < 1
             or min(parts.source_step, parts.out_step, parts.out_row, columns) < 0
             or not 0 < row_length <= pitch
+            or out_pitch < row_length
             or last_read > source_floats
             or last_write > parts.out_image
-            or rows_out * row_length > parts.out_row
+            or channel_floats > parts.out_row
         ):
             raise ValueError(
                 f"gather parts do not fit {self.name} {self.shape}: {parts}, {columns} "

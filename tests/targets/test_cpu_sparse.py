@@ -291,6 +291,7 @@ def test_every_layer_runs_sparse_at_threshold_one(tiny_model: Model) -> None:
         "linears_chained": 0,  # its classifier runs sparse too: not a dense nn.Linear
         "banded": 0,  # 16x16 images stay in one band (bands.BAND_MIN_PIXELS)
         "padded_planes": 0,  # whose planes of 256 floats are aligned already
+        "copies_fused": 0,
     }
     assert prepared.info["dense_layers"] == 0
     assert prepared.info["weight_bytes_plans"] > 0  # built in prepare: the entry offsets

@@ -13,6 +13,9 @@
 //
 // Parts: each image's columns may come as `parts` parts of n columns, part t of image b read
 // at X + b*x_image + t*x_part and written at Y + b*y_image + t*y_part (the residual as Y).
+// Output rows: the row_len columns kept of each computed row are written out_pitch floats
+// after the last row's (out_pitch >= row_len; row_len: packed rows), so that a conv can write
+// into the zero-padded layout the next conv reads (benchlib/sparse/chain.py).
 // That lets a conv read and write its activations in bands of whole rows (benchlib/sparse/
 // bands.py: per band, every channel's rows of the band, one after another), where one column
 // tile's strip of X is contiguous instead of one short run per channel plane.
@@ -93,6 +96,7 @@ struct Problem {
   int64_t n;        // columns computed per image
   int64_t pitch;    // columns per padded row of the computed range
   int64_t row_len;  // leading columns of each padded row that are output
+  int64_t out_pitch;  // floats between output rows (row_len: packed)
   float* y;
   int64_t y_image;  // floats between images of Y
   int64_t ldy;      // floats between rows of Y
@@ -196,15 +200,21 @@ inline void tile(const Problem& p, int64_t begin, int64_t end, const float* x, c
   }
 }
 
+// Whether a tile's columns are written where they are computed (the direct form): no dropped
+// columns, and packed output rows or a part of one row.
+inline bool direct_form(const Problem& p) {
+  return p.pitch == p.row_len && (p.out_pitch == p.row_len || p.n <= p.row_len);
+}
+
 // Copies the computed columns [q0, q0 + cols) of one row (in padded-row space) to the output
-// row, dropping the columns q % pitch >= row_len.
+// row, dropping the columns q % pitch >= row_len, output rows out_pitch floats apart.
 inline void scatter(const float* tmp, int64_t q0, int64_t cols, int64_t pitch, int64_t row_len,
-                    float* yrow) {
+                    int64_t out_pitch, float* yrow) {
   int64_t oh = q0 / pitch, ow = q0 % pitch, done = 0;
   while (done < cols) {
     const int64_t seg = std::min(pitch - ow, cols - done);
     const int64_t keep = std::max<int64_t>(0, std::min(seg, row_len - ow));
-    if (keep > 0) copy_floats(yrow + oh * row_len + ow, tmp + done, keep);
+    if (keep > 0) copy_floats(yrow + oh * out_pitch + ow, tmp + done, keep);
     done += seg;
     ++oh;
     ow = 0;
@@ -217,7 +227,7 @@ template <int R, int NV, int U, bool TAIL>
 void tile_rows(const Problem& p, int64_t i0, int64_t i1, const float* x, float* y,
                const float* res, int64_t q0, int64_t cols, const Tail& tail, float* tmp,
                int64_t tw) {
-  const bool direct = p.pitch == p.row_len;
+  const bool direct = direct_form(p);
   if (p.ksplit) {
     // Column blocks outer: the rows' entries on one block of X's rows (a strip that stays in
     // L1), the partial sums kept between blocks in Y (direct form) or in tmp, which then
@@ -242,7 +252,7 @@ void tile_rows(const Problem& p, int64_t i0, int64_t i1, const float* x, float* 
     if (!direct)
       for (int64_t i = i0; i < i1; ++i)
         for (int r = 0; r < R; ++r)
-          scatter(tmp + ((i - i0) * R + r) * tw, q0, cols, p.pitch, p.row_len,
+          scatter(tmp + ((i - i0) * R + r) * tw, q0, cols, p.pitch, p.row_len, p.out_pitch,
                   y + (i * R + r) * p.ldy);
     return;
   }
@@ -256,7 +266,8 @@ void tile_rows(const Problem& p, int64_t i0, int64_t i1, const float* x, float* 
       tile<R, NV, U, TAIL>(p, p.rowptr[i], p.rowptr[i + 1], x + q0, tail, bias, tmp, tw,
                            nullptr, p.relu);
       for (int r = 0; r < R; ++r)
-        scatter(tmp + r * tw, q0, cols, p.pitch, p.row_len, y + (i * R + r) * p.ldy);
+        scatter(tmp + r * tw, q0, cols, p.pitch, p.row_len, p.out_pitch,
+                y + (i * R + r) * p.ldy);
     }
   }
 }
@@ -296,7 +307,7 @@ void block_rows(const Problem& p, int64_t i0, int64_t i1, int64_t u0, int64_t u1
   const int64_t tiles = (p.n + TW - 1) / TW;
   alignas(64) float small[R * kMaxTile];
   float* tmp = small;
-  if (p.ksplit && p.pitch != p.row_len) {
+  if (p.ksplit && !direct_form(p)) {
     const size_t need = static_cast<size_t>((i1 - i0) * R * TW);
     if (rows_tmp.size() < need) rows_tmp.resize(need);
     tmp = rows_tmp.data();
@@ -602,19 +613,23 @@ int benchlib_split_weights(const float* write, float* read, int n) {
 // bounds of its block rows, the entries (off, val) ordered block-major: entry j of row i lies
 // in block kb when ksplit[kb * (block_rows + 1) + i] <= j < ksplit[kb * (block_rows + 1) + i +
 // 1]; the blocks run outer over each tile. parts (at least 1; 0 counts as 1) parts of n
-// columns per image, x_part and y_part floats apart (see the top of this file).
+// columns per image, x_part and y_part floats apart, output rows out_pitch floats apart (0:
+// row_len) (see the top of this file).
 int benchlib_spmm_gather(const int32_t* rowptr, const int32_t* off, const float* val,
                          const float* bias, int64_t block_rows, int64_t R, const float* x,
                          int64_t x_image, int64_t images, int64_t n, int64_t pitch,
                          int64_t row_len, float* y, int64_t y_image, int64_t ldy, int relu,
                          const float* residual, const int32_t* ksplit, int64_t kblocks,
-                         int threads, int64_t parts, int64_t x_part, int64_t y_part) {
-  if (residual && pitch != row_len) return 2;  // the residual is added in the direct form only
+                         int threads, int64_t parts, int64_t x_part, int64_t y_part,
+                         int64_t out_pitch) {
+  if (out_pitch <= 0) out_pitch = row_len;
+  // the residual is added in the direct form only
+  if (residual && (pitch != row_len || out_pitch != row_len)) return 2;
   if (kblocks < 1) ksplit = nullptr;
-  const Problem p{rowptr,    off,      val,    bias,    block_rows,        x,
-                  x_image,   images,   n,      pitch,   row_len,           y,
-                  y_image,   ldy,      relu != 0, residual, ksplit,        ksplit ? kblocks : 1,
-                  std::max<int64_t>(1, parts), x_part, y_part};
+  const Problem p{rowptr,    off,      val,       bias,     block_rows, x,
+                  x_image,   images,   n,         pitch,    row_len,    out_pitch,
+                  y,         y_image,  ldy,       relu != 0, residual,  ksplit,
+                  ksplit ? kblocks : 1, std::max<int64_t>(1, parts), x_part, y_part};
   return dispatch<Gather>(R, p, threads);
 }
 
@@ -624,13 +639,13 @@ int benchlib_spmm_rows(const int32_t* rowptr, const int32_t* off, const float* v
                        const float* bias, int64_t block_rows, int64_t R, const float* x,
                        int64_t x_image, int64_t images, float* y, int64_t y_image, int relu,
                        int threads) {
-  const Problem p{rowptr, off, val, bias, block_rows, x, x_image, images, 1, 1, 1, y, y_image,
-                  1,      relu != 0, nullptr, nullptr, 1, 1, 0, 0};
+  const Problem p{rowptr, off, val, bias, block_rows, x, x_image, images, 1, 1, 1, 1, y,
+                  y_image, 1,  relu != 0, nullptr, nullptr, 1, 1, 0, 0};
   return dispatch<Rows>(R, p, threads);
 }
 
 // The two functions above with their arguments packed in one array, in the same order (see
-// packed_ptr): Python's ctypes converts one argument per call instead of 13 or 23, about
+// packed_ptr): Python's ctypes converts one argument per call instead of 13 or 24, about
 // 0.3-0.5 us each.
 int benchlib_spmm_gather_packed(const int64_t* a) {
   return benchlib_spmm_gather(packed_ptr<const int32_t>(a, 0), packed_ptr<const int32_t>(a, 1),
@@ -639,7 +654,7 @@ int benchlib_spmm_gather_packed(const int64_t* a) {
                               a[11], packed_ptr<float>(a, 12), a[13], a[14],
                               static_cast<int>(a[15]), packed_ptr<const float>(a, 16),
                               packed_ptr<const int32_t>(a, 17), a[18], static_cast<int>(a[19]),
-                              a[20], a[21], a[22]);
+                              a[20], a[21], a[22], a[23]);
 }
 
 int benchlib_spmm_rows_packed(const int64_t* a) {
