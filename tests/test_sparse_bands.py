@@ -25,6 +25,7 @@ from benchlib.sparse.bands import (
     to_bands,
     writes_padded,
 )
+from benchlib.sparse.chain import NativeChain, _Binding
 from benchlib.sparse.direct import COPY_BAND, COPY_OUT, COPY_SOURCE, COPY_STRIDE, COPY_THREADS
 from benchlib.sparse.modules import SparseConv2d
 from benchlib.sparse.native import (
@@ -283,21 +284,29 @@ def test_parts_that_leave_the_image_are_refused() -> None:
             kernel.gather_call(offsets, 128, 1, 8, 8, 8, None, parts=bad)
 
 
-def test_a_chain_at_32x32_runs_its_layers_in_bands_and_equals_the_model() -> None:
-    """ResNet bottlenecks at 32x32 (bands of two rows) then 16x16 (NCHW), batches 1 and 2:
-    the chain keeps its output and the head's input NCHW, and equals the model."""
+def bottleneck_chain(size: int) -> tuple[NativeChain, list[_Binding]]:
+    """``bottleneck_net``'s chain on size x size images, batches 1 and 2, each run twice (the
+    layers one by one, then the bound chain) and equal to the model; its two bindings."""
     from tests.test_sparse_chain import bottleneck_net
 
     model = bottleneck_net()
     graph = converted(copy.deepcopy(model))
     [chain] = chains(graph)
     for batch in (1, 2):
-        x = torch.randn(batch, 3, 128, 128)
+        x = torch.randn(batch, 3, size, size)
         with torch.inference_mode():
             expected = model(x)
             for _ in range(2):
                 assert relative_error(graph(x), expected) <= EXACT
-        binding = chain._bindings[(batch, 64, 32, 32)]
+    assert chain.bound_shapes() == [(1, 64, size // 4, size // 4), (2, 64, size // 4, size // 4)]
+    return chain, list(chain._bindings.values())
+
+
+def test_a_chain_at_32x32_runs_its_layers_in_bands_and_equals_the_model() -> None:
+    """ResNet bottlenecks at 32x32 (bands of two rows) then 16x16 (NCHW), batches 1 and 2:
+    the chain keeps its output and the head's input NCHW, and equals the model."""
+    chain, bindings = bottleneck_chain(128)
+    for binding in bindings:
         # layer1 and layer2's first 1x1 conv write 32x32 outputs (but layer1's first, which
         # writes the padded input of its 3x3 conv), the rest 16x16 or less, whose planes of
         # 256, 64 and 16 floats are aligned already
@@ -311,18 +320,8 @@ def test_a_chain_holds_planes_of_unaligned_sizes_padded_and_its_head_reads_them(
     """The same net on 96x96: layer1 at 24x24 in bands of two rows (48 floats), layer2 at
     12x12 NCHW (144 floats a plane), layer3 at 6x6 and layer4 at 3x3 in planes padded to 40
     and 16 floats, read by the head's pool: the chain equals the model."""
-    from tests.test_sparse_chain import bottleneck_net
-
-    model = bottleneck_net()
-    graph = converted(copy.deepcopy(model))
-    [chain] = chains(graph)
-    for batch in (1, 2):
-        x = torch.randn(batch, 3, 96, 96)
-        with torch.inference_mode():
-            expected = model(x)
-            for _ in range(2):
-                assert relative_error(graph(x), expected) <= EXACT
-        binding = chain._bindings[(batch, 64, 24, 24)]
+    chain, bindings = bottleneck_chain(96)
+    for binding in bindings:
         # layer1 and layer2's first 1x1 conv (24x24; but the writer of a padded copy),
         # layer2's others (12x12), layer3's four (6x6) and layer4's three (3x3, the head's)
         expected_bands = [None] + [Bands(2, 48)] * 4 + [None] * 7 + [Bands(6, 40)] * 4

@@ -13,12 +13,12 @@
 //
 // Parts: each image's columns may come as `parts` parts of n columns, part t of image b read
 // at X + b*x_image + t*x_part and written at Y + b*y_image + t*y_part (the residual as Y).
-// Output rows: the row_len columns kept of each computed row are written out_pitch floats
-// after the last row's (out_pitch >= row_len; row_len: packed rows), so that a conv can write
-// into the zero-padded layout the next conv reads (benchlib/sparse/chain.py).
 // That lets a conv read and write its activations in bands of whole rows (benchlib/sparse/
 // bands.py: per band, every channel's rows of the band, one after another), where one column
 // tile's strip of X is contiguous instead of one short run per channel plane.
+// Output rows: the row_len columns kept of each computed row are written out_pitch floats
+// after the last row's (out_pitch >= row_len; row_len: packed rows), so that a conv can write
+// into the zero-padded layout the next conv reads (benchlib/sparse/chain.py).
 //
 // Register tiling over q as in XNNPACK's spmm: a tile of NV vectors of columns stays in
 // registers while the entries of one block row stream past (one broadcast of the weight, NV
