@@ -440,6 +440,19 @@ def test_column_blocked_calls_share_one_block_major_copy_of_the_values() -> None
     assert torch.allclose(second, 2 * first, rtol=1e-5, atol=1e-6)
 
 
+def checked_chain(model: nn.Module, x: torch.Tensor, calls: int = 3) -> NativeChain:
+    """The one chain of ``model`` converted, after ``calls`` calls on ``x`` (the first runs
+    the layers one by one and binds, the others run the bound chain), each equal to the
+    model."""
+    graph = converted(copy.deepcopy(model))
+    [chain] = chains(graph)
+    with torch.inference_mode():
+        expected = model(x)
+        for _ in range(calls):
+            assert relative_error(graph(x), expected) <= EXACT
+    return chain
+
+
 def test_the_writers_of_one_padded_layout_share_a_buffer_whose_padding_stays_zero() -> None:
     """Three bottlenecks at 32x32 (their first 1x1 convs write their 3x3 convs' padded input,
     one zeroed buffer for the three), run three times: each call equals the model."""
@@ -450,13 +463,7 @@ def test_the_writers_of_one_padded_layout_share_a_buffer_whose_padding_stays_zer
     for index, module in enumerate(model.modules()):
         if isinstance(module, nn.Conv2d) and module is not model.conv1:
             sparsify_weight(module, 0.8, index, "none")
-    graph = converted(copy.deepcopy(model))
-    [chain] = chains(graph)
-    x = torch.randn(1, 3, 128, 128)
-    with torch.inference_mode():
-        expected = model(x)
-        for _ in range(3):
-            assert relative_error(graph(x), expected) <= EXACT
+    chain = checked_chain(model, torch.randn(1, 3, 128, 128))
     binding = chain._bindings[(1, 64, 32, 32)]
     assert binding.fused_copies == 3  # layer1's blocks (the others' 3x3 convs are strided)
     products = [call for kind, call in binding.calls if kind == 0]
@@ -486,11 +493,5 @@ def test_a_padded_buffer_is_never_handed_to_another_layer() -> None:
     model = PaddedThenSameSize().eval()
     for index, layer in enumerate((model.a, model.b, model.c, model.d)):
         sparsify_weight(layer, 0.5, index, "none")
-    graph = converted(model)
-    [chain] = chains(graph)
-    x = torch.randn(1, 3, 4, 4)
-    with torch.inference_mode():
-        expected = model(x)
-        for _ in range(3):
-            assert relative_error(graph(x), expected) <= EXACT
+    chain = checked_chain(model, torch.randn(1, 3, 4, 4))
     assert chain._bindings[(1, 4, 4, 4)].fused_copies == 1
