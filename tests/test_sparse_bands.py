@@ -25,7 +25,8 @@ from benchlib.sparse.bands import (
     to_bands,
     writes_padded,
 )
-from benchlib.sparse.chain import NativeChain, _Binding
+from benchlib.sparse.binding import Binding
+from benchlib.sparse.chain import NativeChain
 from benchlib.sparse.direct import COPY_BAND, COPY_OUT, COPY_SOURCE, COPY_STRIDE, COPY_THREADS
 from benchlib.sparse.modules import SparseConv2d
 from benchlib.sparse.native import (
@@ -284,7 +285,7 @@ def test_parts_that_leave_the_image_are_refused() -> None:
             kernel.gather_call(offsets, 128, 1, 8, 8, 8, None, parts=bad)
 
 
-def bottleneck_chain(size: int) -> tuple[NativeChain, list[_Binding]]:
+def bottleneck_chain(size: int) -> tuple[NativeChain, list[Binding]]:
     """``bottleneck_net``'s chain on size x size images, batches 1 and 2, each run twice (the
     layers one by one, then the bound chain) and equal to the model; its two bindings."""
     from tests.test_sparse_chain import bottleneck_net

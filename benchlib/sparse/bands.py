@@ -11,7 +11,7 @@ copy (``COPY_BAND``, ``COPY_STRIDE``) and can write a banded output as well, one
 A small image is held in one band: NCHW, its planes padded to an aligned ``stride`` where
 ``H * W`` is not a multiple of ``STRIDE_FLOATS``. A 1x1 conv whose reader is a 3x3 conv can
 instead write the zero-padded images that reader's layout copy would make (``padded_product``;
-``chain._fused_copies``).
+``binding._fused_copies``).
 
 Measured on the AVX2 EPYC (2 threads, in-process A/B). ResNet-50's 1x1 convs at their
 ``magnitude:0.9`` densities, both sides banded against both NCHW: 56x56 in bands of one row
