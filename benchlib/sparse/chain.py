@@ -8,11 +8,11 @@ lookup, two tensor allocations, the arguments): 1-1.5 ms of ResNet-50's 24 ms at
 
 A ``NativeChain`` runs its layers one by one (as before) on the first call for an input shape,
 which builds their plans, and then binds a private copy of each layer's packed calls to fixed
-buffers (``binding.py``): an intermediate output takes a freed buffer of its size where there is one (the
-buffers of outputs no later layer reads are reused), the layout copies share one scratch
-buffer. Later calls set the input's and the output's addresses and run the whole run in one
-native call (``benchlib_run_chain``); the output is a new tensor each call, the intermediate
-ones never leave the chain.
+buffers (``binding.py``): an intermediate output takes a freed buffer of its size where there
+is one (the buffers of outputs no later layer reads are reused), the layout copies share one
+scratch buffer. Later calls set the input's and the output's addresses and run the whole run
+in one native call (``benchlib_run_chain``); the output is a new tensor each call, the
+intermediate ones never leave the chain.
 
 Inside the chain, the activations of large images (ResNet-50's 56x56 and 28x28) live in bands
 of rows (``bands.py``): a 1x1 conv then reads one contiguous strip of its input per band, where

@@ -47,12 +47,7 @@ from benchlib.sparse.native import (
     ColumnBlocks,
     Parts,
 )
-from benchlib.sparse.tiling import (
-    ALIGN_MIN_REUSE,
-    COPY_ALIGN_1X1,
-    aligned_copy_pays,
-    column_block,
-)
+from benchlib.sparse.tiling import ALIGN_MIN_REUSE, COPY_ALIGN_1X1, aligned_copy_pays, column_block
 
 BETA_WARNING = r"Sparse (CSR|CSC|BSR|BSC) tensor support is in beta state"
 """PyTorch warns once per process that its compressed sparse layouts are beta: that is a fact
