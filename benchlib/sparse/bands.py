@@ -170,13 +170,10 @@ def banded_product(
         if source is not None and out is not None and source.rows != out.rows:
             raise ValueError(f"bands of {source.rows} rows in and {out.rows} rows out")
         band = bands.rows * w
-        source_floats = layout.floats
-        if source is not None:
-            offsets = layer.band_offsets(source.stride)
-            source_floats = source.floats(shape) // n
+        offsets, source_floats, source_step = _in_place_reads(layer, shape, source, bands.rows)
         parts = Parts(
             count=h // bands.rows,
-            source_step=band if source is None else layout.channels * source.stride,
+            source_step=source_step,
             out_step=band if out is None else m * out.stride,
             out_row=ho * wo if out is None else out.stride,
             out_image=out_image,
@@ -196,6 +193,20 @@ def banded_product(
     return kernel.gather_call(
         offsets, layout.floats, n, columns, pitch, wo, layer.bias, ksplit, parts
     )
+
+
+def _in_place_reads(
+    layer: SparseConv2d, shape: tuple[int, ...], source: Bands | None, rows: int
+) -> tuple[torch.Tensor, int, int]:
+    """How a layer that reads its input in place reads one of (N, C, H, W) ``shape`` held in
+    ``source`` bands (None: NCHW), a part of ``rows`` rows at a time: its entry offsets, the
+    floats of an image, and the floats from one part to the next."""
+    n, c, h, w = shape
+    layout, offsets = layer.layout(h, w)
+    if source is None:
+        return offsets, layout.floats, rows * w
+    source.check(shape)
+    return layer.band_offsets(source.stride), source.floats(shape) // n, c * source.stride
 
 
 def writes_padded(layer: SparseConv2d, shape: tuple[int, ...], target: ConvLayout) -> bool:
@@ -232,19 +243,14 @@ def padded_product(
     copy. Raises ValueError where the layer cannot (``writes_padded``)."""
     if not writes_padded(layer, shape, target):
         raise ValueError(f"{layer} cannot write into the padded layout {target}")
-    n, c, h, w = shape
-    layout, offsets = layer.layout(h, w)
+    n, _, h, w = shape
     kernel: GatherKernel = layer.kernel  # type: ignore[assignment]
     own = bands_for(h, w)  # an NCHW input: a part per band of the output's size
     rows = source.rows if source is not None else h if own is None else own.rows
-    source_floats = layout.floats
-    if source is not None:
-        source.check(shape)
-        offsets = layer.band_offsets(source.stride)
-        source_floats = source.floats(shape) // n
+    offsets, source_floats, source_step = _in_place_reads(layer, shape, source, rows)
     parts = Parts(
         count=h // rows,
-        source_step=rows * w if source is None else c * source.stride,  # NCHW: a row's start
+        source_step=source_step,
         out_step=rows * target.phase_w,
         out_row=target.plane,
         out_image=target.floats,

@@ -141,8 +141,7 @@ class _Snapshot:
             and kernel._buffers["values"] is self.values
             and layer._buffers["bias"] is self.bias
             and layer.relu == self.relu
-            and not layer._forward_hooks
-            and not layer._forward_pre_hooks
+            and not hooked(layer)
         )
 
 
