@@ -40,7 +40,7 @@ from benchlib.sparse.bands import Bands, to_bands
 from benchlib.sparse.build import build, cache_dir, compiler
 from benchlib.sparse.direct import ALIGN
 from benchlib.sparse.native import ColumnBlocks
-from benchlib.sparse.tiling import L2_FLOATS, column_block
+from benchlib.sparse.tiling import L2_FLOATS, STRIP_FLOATS, column_block, strip_floats
 from benchlib.target import Precision
 from targets.cpu_sparse import CpuSparse
 from tests.test_sparse_modules import ConvCase, conv_cases, sparsify_weight
@@ -1122,7 +1122,7 @@ def test_column_blocks_order_the_entries_block_major(rows_per_block: int, width:
 
 @pytest.mark.parametrize(
     ("cin", "kernel", "stride", "size", "sparsity"),
-    [(256, 1, 1, 16, 0.5), (256, 1, 2, 32, 0.7), (32, 3, 1, 16, 0.5), (48, 3, 2, 32, 0.8)],
+    [(256, 1, 1, 16, 0.5), (256, 1, 2, 32, 0.7), (64, 3, 1, 16, 0.5), (48, 3, 2, 32, 0.8)],
 )
 def test_large_convs_run_in_column_blocks_and_equal_dense(
     cin: int, kernel: int, stride: int, size: int, sparsity: float
@@ -1147,19 +1147,54 @@ def test_a_narrow_kxk_conv_runs_in_blocks_only_when_its_source_outgrows_l2() -> 
     assert layout.columns < 128 and layout.floats > L2_FLOATS  # one tile; four phase images
     assert sparse.ksplit(14, 14) is not None
     kernel: NativeSparseMatrix = sparse.kernel  # type: ignore[assignment]
-    assert column_block(kernel, layout.columns, (3, 3), L2_FLOATS) is None  # fits: one block
-    assert column_block(kernel, layout.columns, (3, 3)) is None  # source unknown: one block
+    small = ConvLayout.of(512, (7, 7), (3, 3), (2, 2), (1, 1), (1, 1, 1, 1))
+    assert small.columns < 128 and small.floats <= L2_FLOATS
+    assert column_block(kernel, small) is None  # one tile, its source in L2: one block
     x = torch.randn(1, 512, 14, 14)
     with torch.no_grad():
         assert relative_error(sparse(x), conv(x)) <= EXACT
 
 
-def test_a_strided_kxk_conv_takes_blocks_of_fewer_entries() -> None:
-    """Its taps read twice the rows of a tile (``KSPLIT_MIN_ENTRIES_STRIDED``): at 90%
-    sparsity 16 channels of 3x3 (about 14 entries a row) where a stride-1 conv takes 32."""
+def layout_of(channels: int, size: int, kernel: int, stride: int) -> ConvLayout:
+    pad = kernel // 2
+    return ConvLayout.of(
+        channels, (size, size), (kernel, kernel), (stride, stride), (1, 1), (pad,) * 4
+    )
+
+
+def test_a_strip_holds_the_tile_and_the_rows_its_taps_reach_in_each_phase() -> None:
+    assert strip_floats(layout_of(256, 14, 1, 1), 64) == 64
+    assert strip_floats(layout_of(256, 14, 1, 1), 128) == 128  # AVX-512's tile
+    assert strip_floats(layout_of(512, 7, 1, 1), 64) == 49  # the whole image
+    assert strip_floats(layout_of(512, 14, 1, 2), 64) == 49  # one phase: the subsampled image
+    assert strip_floats(layout_of(128, 28, 3, 1), 64) == 64 + 2 * 30  # two padded rows below
+    assert strip_floats(layout_of(128, 56, 3, 2), 64) == 4 * (64 + 29)  # four phases, one row
+
+
+@pytest.mark.parametrize(
+    ("cin", "size", "kernel", "stride", "density", "channels"),
+    [
+        (256, 14, 1, 1, 0.13, 128),  # 64 channels fit, holding 8 entries a row: twice that
+        (1024, 14, 1, 1, 0.45, 64),  # 64 channels fit and hold 29 entries a row
+        (256, 14, 3, 1, 0.024, 64),  # 42 fit: 32 hold 7 entries a row, 64 hold 14
+        (128, 28, 3, 1, 0.11, 32),  # 33 fit: 32 hold 32 entries
+        (128, 56, 3, 2, 0.11, 16),  # 11 fit: 8 hold 8 entries, 16 hold 16
+        (128, 28, 1, 1, 0.29, 64),  # 64 fit and hold 18 entries a row: two blocks
+        (128, 28, 1, 1, 0.15, None),  # 64 hold 10 entries, and 128 are every channel
+        (64, 56, 1, 1, 0.45, None),  # every channel fits
+        (512, 14, 1, 1, 0.05, None),  # too sparse for a 1x1 conv
+    ],
+)
+def test_column_blocks_fit_the_strip_budget_and_hold_enough_entries(
+    cin: int, size: int, kernel: int, stride: int, density: float, channels: int | None
+) -> None:
+    """The widest power of two channels whose strips fit ``STRIP_FLOATS`` (AVX2's tile of 64
+    columns), doubled while a row holds fewer than ``KSPLIT_MIN_ENTRIES`` (12) entries."""
     torch.manual_seed(0)
-    conv = nn.Conv2d(128, 128, 3, 2, 1)
-    sparsify_weight(conv, 0.9, 0, "none")
-    kernel = NativeSparseMatrix(conv_matrix(conv.weight, 1))
-    assert column_block(kernel, 812, (3, 3), 10**6, strided=True) == 16 * 9
-    assert column_block(kernel, 812, (3, 3), 10**6) == 32 * 9
+    conv = nn.Conv2d(cin, 64, kernel, stride, kernel // 2, bias=False)
+    sparsify_weight(conv, 1 - density, 0, "none")
+    matrix = NativeSparseMatrix(conv_matrix(conv.weight, 1))
+    layout = layout_of(cin, size, kernel, stride)
+    assert STRIP_FLOATS == 4096
+    expected = None if channels is None else channels * kernel * kernel
+    assert column_block(matrix, layout, 64) == expected

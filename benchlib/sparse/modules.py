@@ -462,17 +462,7 @@ class SparseConv2d(nn.Module):
         if key not in self._ksplits:
             layout, _ = self.layout(height, width)
             kernel: GatherKernel = self.kernel  # type: ignore[assignment]
-            block = (
-                column_block(
-                    kernel,
-                    layout.columns,
-                    self.kernel_size,
-                    layout.floats,
-                    strided=self.stride != (1, 1),
-                )
-                if self.groups == 1
-                else None
-            )
+            block = column_block(kernel, layout) if self.groups == 1 else None
             self._ksplits[key] = None if block is None else kernel.k_split(block)
         return self._ksplits[key]
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from benchlib.sparse.build import NativeLibrary, load_library
 
 if TYPE_CHECKING:
+    from benchlib.sparse.direct import ConvLayout
     from benchlib.sparse.modules import MatrixKernel
 
 
@@ -48,27 +49,52 @@ def aligned_copy_pays() -> bool:
     return isinstance(loaded, NativeLibrary) and loaded.isa in ALIGN_ISAS
 
 
-KSPLIT_MIN_ENTRIES = 24
-"""Stored entries per block row and column block that make splitting a conv's input channels
-into blocks (``NativeSparseMatrix.gather``'s ``ksplit``) pay: each block costs a row a load and
-a store of its partial sums. Measured, 2 threads (one block -> split, us): 1x1 256 -> 128
-@56x56 at 50% 840 -> 393 (blocks of 64 channels), at 90% 125 -> 117 (128); 1x1 1024 -> 256
-@14x14 at 50% 399 -> 228 (64), at 90% 90 -> 83 (256); 1x1 2048 -> 512 @7x7 at 50% 396 -> 306
-(128), at 90% 112 -> 107 (256), with blocks of 64 at 90% (about 13 entries): 129; 3x3 128 ->
-128 @28x28 at 90% 184 -> 150 (32), 3x3/2 128 -> 128 @56x56 at 50% 880 -> 703 (16); but 3x3
-512 -> 512 @7x7 (61 columns, one tile) at 50% 831 -> 875 (32)."""
-KSPLIT_MIN_ENTRIES_STRIDED = 12
-"""``KSPLIT_MIN_ENTRIES`` for a strided kxk conv, whose taps read twice the rows of a tile from
-its phase images: 3x3/2 128 -> 128 @56x56 at 90%, 2 threads, blocks of 16 channels 334 us
-against 375 with 32 (which 24 entries asks); 256 -> 256 @28x28 343 / 337, 512 -> 512 @14x14
-keeps 32 (L1 bound)."""
+KSPLIT_MIN_ENTRIES = 12
+"""Stored entries per block row and column block, at least, when splitting a conv's input
+channels into blocks (``NativeSparseMatrix.gather``'s ``ksplit``): each block costs a row a
+load and a store of its partial sums, so a block narrower than ``STRIP_FLOATS`` asks grows
+until its rows hold this many. Measured in ResNet-50 magnitude:0.9's chain (AVX2 EPYC, 2
+threads, per step, in-process A/B): at 14x14, 256 -> 1024 (density 0.13) and 3x3 256 -> 256
+(0.024) ran 0.90-0.97x the time with blocks of about 12-17 entries against 24-33 (blocks of 6-8
+entries: 1.05-1.13x); 3x3/2 128 -> 128 @56x56 at 90% sparsity took 334 us in blocks of 16
+channels (14 entries) against 375 in blocks of 32. Earlier measurements of the split against
+one block (us): 1x1 256 -> 128 @56x56 at 50% 840 -> 393, 1024 -> 256 @14x14 at 50% 399 ->
+228, 2048 -> 512 @7x7 at 50% 396 -> 306, 3x3 128 -> 128 @28x28 at 90% 184 -> 150; but 3x3 512
+-> 512 @7x7 (61 columns, one tile) at 50% 831 -> 875 (see ``L2_FLOATS``)."""
 KSPLIT_MIN_DENSITY_1X1 = 0.075
 """Below this fraction of stored entries a 1x1 conv runs in one block: at 95% sparsity the
 split measured no faster, or slower (2048 -> 512 @7x7, blocks of 512: 68 -> 71 us)."""
-L1_FLOATS = 8192
-"""The strip of the input that a column tile reads per channel block, at most: 32 KiB. On the
-Zen 3 EPYC (32 KiB L1d) half of it (4096) ran ResNet-50 magnitude:0.9 end to end in the same
-time (1.00x, in-process A/B), as did ``KSPLIT_MIN_ENTRIES`` 20 (32: 1.015x the time)."""
+STRIP_FLOATS = 4096
+"""The input a column tile reads per column block (``strip_floats`` per channel), at most,
+before ``KSPLIT_MIN_ENTRIES`` widens the block: 16 KiB, half of the Zen 3 EPYC's L1d (the other
+half holds the weights' stream, the partial sums and the output). Measured against the rule
+before it (strips estimated as ``kh`` rows of 128 columns for every ISA, within 32 KiB, blocks
+of at least 24 entries; AVX2 EPYC, 2 threads, in-process A/B in ResNet-50 magnitude:0.9's
+chain): 3x3 256 -> 256 @14x14 0.89-0.96x the time per step, strided 1x1 256 -> 512 @56x56
+0.75x, 512 -> 1024 @28x28 0.86x, 1024 -> 512 @14x14 0.89x, 128 -> 512 @28x28 0.93-1.05x; end
+to end 0.970x (the steps' sum 0.977x)."""
+TILE_VECTORS = 8
+"""Vectors per column tile of the R = 1 kernels (``BENCHLIB_NV1`` in ``csrc/spmm.cpp``)."""
+VECTOR_FLOATS = {"avx512": 16, "avx2": 8, "generic": 8}
+"""Floats per vector of each instruction set the kernels build for (``V::W``)."""
+
+
+def tile_floats() -> int:
+    """The columns of one tile of the loaded kernels (AVX2's where none are loaded)."""
+    loaded = load_library()
+    isa = loaded.isa if isinstance(loaded, NativeLibrary) else "avx2"
+    return TILE_VECTORS * VECTOR_FLOATS.get(isa, 8)
+
+
+def strip_floats(layout: ConvLayout, tile: int) -> int:
+    """Floats of one input channel that one column tile of ``tile`` columns reads: per phase
+    image of the source, the tile's columns and the rows below them that its taps reach (a
+    kxk conv's ``kh - 1`` padded rows, fewer in a strided conv's phase rows)."""
+    reach = layout.dilation[0] * (layout.kernel_size[0] - 1)
+    rows_below = -(-(reach + 1) // layout.stride[0]) - 1
+    return len(layout.phases) * (min(layout.columns, tile) + rows_below * layout.pitch)
+
+
 L2_FLOATS = 65536
 """A kxk conv over one narrow tile (under 128 columns) runs in one block while its whole
 source (one image) fits in this many floats, 256 KiB, half of Zen 3's L2: then the blocks'
@@ -77,38 +103,31 @@ it they pay: 3x3/2 512 -> 512 @14x14, whose four phase images take 512 KiB, ran 
 the time of one block with blocks of 32 channels at 70-90% sparsity (AVX2 EPYC, 2 threads)."""
 
 
-def column_block(
-    kernel: MatrixKernel,
-    columns: int,
-    kernel_size: tuple[int, int],
-    source_floats: int | None = None,
-    strided: bool = False,
-) -> int | None:
+def column_block(kernel: MatrixKernel, layout: ConvLayout, tile: int | None = None) -> int | None:
     """The matrix columns per block (whole input channels) for a conv's direct form over
-    ``columns`` computed columns (``KSPLIT_MIN_ENTRIES``, ``KSPLIT_MIN_ENTRIES_STRIDED`` for a
-    ``strided`` kxk conv), or None where one block is best: the
-    input strip of a tile fits in L1 already, one block would span every channel, or a kxk
-    conv has one narrow tile and a ``source_floats`` (one image's source) that fits in L2
-    (``L2_FLOATS``; unknown counts as fitting). A channel's strip is ``kh`` input rows of a
-    tile (the ``kw`` taps of a row share its lines)."""
+    ``layout`` with column tiles of ``tile`` floats (``tile_floats()`` when None), or None where
+    one block is best: the channels' strips fit ``STRIP_FLOATS`` already, one block would span
+    every channel, a 1x1 conv is sparser than ``KSPLIT_MIN_DENSITY_1X1``, or a kxk conv has one
+    narrow tile and a source (one image) that fits in L2 (``L2_FLOATS``). Else the widest power
+    of two channels whose strips fit ``STRIP_FLOATS``, doubled while its rows hold fewer than
+    ``KSPLIT_MIN_ENTRIES`` entries on average."""
     rows, cols = kernel.shape
     block_rows = rows // max(1, int(getattr(kernel, "rows_per_block", 1)))
     col = getattr(kernel, "col", None)
-    taps = kernel_size[0] * kernel_size[1]
+    kh, kw = layout.kernel_size
+    taps, columns = kh * kw, layout.columns
     if col is None or not block_rows or not cols or not columns or cols % taps:
         return None
     channels = cols // taps
-    small = source_floats is None or source_floats <= L2_FLOATS
-    if taps > 1 and columns < 128 and small:  # one narrow tile, its source in L2: no gain
+    if taps > 1 and columns < 128 and layout.floats <= L2_FLOATS:  # one narrow tile, in L2
         return None
-    strip = min(-(-columns // 16) * 16, 128) * kernel_size[0]  # floats per channel and tile
-    if channels * strip <= L1_FLOATS:
+    strip = strip_floats(layout, tile_floats() if tile is None else tile)
+    if channels * strip <= STRIP_FLOATS:
         return None
     density = int(col.numel()) / (block_rows * cols)
     if taps == 1 and density < KSPLIT_MIN_DENSITY_1X1:
         return None
-    width = max(1, 1 << max(0, (L1_FLOATS // strip).bit_length() - 1))  # channels
-    minimum = KSPLIT_MIN_ENTRIES_STRIDED if strided and taps > 1 else KSPLIT_MIN_ENTRIES
-    while width * taps * density < minimum and width < channels:
+    width = max(1, 1 << max(0, (STRIP_FLOATS // strip).bit_length() - 1))  # channels
+    while width * taps * density < KSPLIT_MIN_ENTRIES and width < channels:
         width *= 2
     return None if width >= channels else width * taps
