@@ -14,9 +14,11 @@ from torchvision.models.resnet import Bottleneck, ResNet
 
 from benchlib.harness.verify import relative_error
 from benchlib.sparse import NativeSparseMatrix, sparsify
+from benchlib.sparse.binding import GATHER_STEP
 from benchlib.sparse.chain import CHAIN_INPUT, NativeChain, chain_convs
 from benchlib.sparse.fuse import fold_batchnorm, fuse_relu, fuse_residual, trace
 from benchlib.sparse.modules import SparseConv2d
+from benchlib.sparse.native import GATHER_OUT, GATHER_RESIDUAL
 from tests.test_sparse_modules import sparsify_weight
 
 EXACT = 1e-4
@@ -162,6 +164,57 @@ def test_copies_pickles_and_threads_get_the_same_results() -> None:
 
     with ThreadPoolExecutor(4) as pool:
         assert max(pool.map(run, range(32))) <= EXACT
+
+
+def test_a_residual_no_later_step_reads_is_overwritten_by_the_sum() -> None:
+    """Each bottleneck's last conv writes its output over its residual (the block's input or
+    its downsample's output): the same buffer, every call equal to the model."""
+    model = bottleneck_net()
+    graph = converted(copy.deepcopy(model))
+    [chain] = chains(graph)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        expected = model(x)
+        for _ in range(3):
+            assert relative_error(graph(x), expected) <= EXACT
+    [binding] = chain._bindings.values()
+    products = [call for kind, call in binding.calls if kind == GATHER_STEP]
+    summed = [call for call in products if call[GATHER_RESIDUAL]]
+    assert len(summed) == 5  # one per bottleneck
+    assert all(call[GATHER_OUT] == call[GATHER_RESIDUAL] for call in summed)
+
+
+class Reused(nn.Module):
+    """1x1 convs whose sum's residual is its conv's own input (``source``) or is read again
+    by a later conv (``later``): neither may be overwritten by the sum."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(4, 8, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+        self.d, self.e = nn.Conv2d(8, 8, 1), nn.Conv2d(4, 8, 1)
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        if self.how == "source":
+            return self.d(self.b(y) + y)
+        return self.d(self.b(self.e(x)) + y) + self.c(y)
+
+
+@pytest.mark.parametrize("how", ["source", "later"])
+def test_a_residual_still_read_is_not_overwritten(how: str) -> None:
+    model = Reused(how).eval()
+    for index, layer in enumerate((model.a, model.b, model.c, model.d, model.e)):
+        sparsify_weight(layer, 0.6, index, "none")
+    graph = converted(model)
+    [chain] = chains(graph)
+    x = torch.randn(1, 4, 6, 6)
+    with torch.inference_mode():
+        for _ in range(3):
+            assert relative_error(graph(x), model(x)) <= EXACT
+    [binding] = chain._bindings.values()
+    summed = [call for kind, call in binding.calls if kind == GATHER_STEP and call[GATHER_RESIDUAL]]
+    assert summed and summed[0][GATHER_OUT] != summed[0][GATHER_RESIDUAL]
 
 
 def test_only_the_last_output_of_a_chain_leaves_it() -> None:

@@ -102,8 +102,9 @@ def test_every_tail_of_a_column_tile_is_exact(rows_per_block: int) -> None:
     """Every column count up to two of the widest tiles (128 columns with AVX-512) and some:
     a tile's tail vector overlaps the full one before it, and a last tile narrower than a
     vector takes one from the tile before. Each equals the dense product, in one column block
-    and in several with a residual and ReLU, and in the scatter form (pitch > row length).
-    The widest counts have tiles enough for threads to claim them (at 2 threads or more)."""
+    and in several with a residual and ReLU (also in place: the output overwrites it), and in
+    the scatter form (pitch > row length). The widest counts have tiles enough for threads to
+    claim them (at 2 threads or more)."""
     generator = torch.Generator().manual_seed(0)
     matrix = random_matrix(8, 40, 0.6, 3, "none")
     if rows_per_block > 1:
@@ -122,6 +123,11 @@ def test_every_tail_of_a_column_tile_is_exact(rows_per_block: int) -> None:
         kernel.gather(source, offsets, columns, columns, columns, out, None, True,
                       residual=residual, ksplit=ksplit)  # fmt: skip
         assert relative_error(out[0], (matrix @ x + residual[0]).clamp(min=0)) <= EXACT, columns
+        for blocks in (None, ksplit):  # the residual overwritten in place
+            in_place = residual.clone()
+            kernel.gather(source, offsets, columns, columns, columns, in_place, None, True,
+                          residual=in_place, ksplit=blocks)  # fmt: skip
+            assert torch.equal(in_place, out) if blocks else relative_error(in_place, out) <= EXACT
         pitch = 5  # rows of 3 kept columns, computed 5 apart
         rows_out = -(-columns // pitch)
         scattered = torch.empty(1, 8, rows_out * 3)

@@ -101,7 +101,8 @@ struct Problem {
   int64_t y_image;  // floats between images of Y
   int64_t ldy;      // floats between rows of Y
   bool relu;
-  const float* residual;  // null, or added before the ReLU: laid out as Y (direct form only)
+  const float* residual;  // null, or added before the ReLU: laid out as Y (direct form only);
+                          // Y itself may be it: a tile reads its residual before it writes
   const int32_t* ksplit;  // null, or per column block the block_rows + 1 bounds of its rows
   int64_t kblocks;
   int64_t parts;   // parts of n columns per image (see the top of this file)
@@ -608,11 +609,12 @@ int benchlib_split_weights(const float* write, float* read, int n) {
 
 // Gather form (see the top of this file). y must hold images * y_image floats; for every
 // entry, off + n - 1 must lie inside X's image (the caller checks). A residual (laid out as y;
-// direct form, pitch == row_len, only: else 2 is returned) is added before the ReLU. ksplit
-// (null, or ignored when kblocks < 1) holds per block of columns the block_rows + 1 entry
-// bounds of its block rows, the entries (off, val) ordered block-major: entry j of row i lies
-// in block kb when ksplit[kb * (block_rows + 1) + i] <= j < ksplit[kb * (block_rows + 1) + i +
-// 1]; the blocks run outer over each tile. parts (at least 1; 0 counts as 1) parts of n
+// direct form, pitch == row_len, only: else 2 is returned; y itself too: each tile reads its
+// residual before it writes) is added before the ReLU. ksplit (null, or ignored when kblocks
+// < 1) holds per block of columns the block_rows + 1 entry bounds of its block rows, the
+// entries (off, val) ordered block-major: entry j of row i lies in block kb when
+// ksplit[kb * (block_rows + 1) + i] <= j < ksplit[kb * (block_rows + 1) + i + 1]; the blocks
+// run outer over each tile. parts (at least 1; 0 counts as 1) parts of n
 // columns per image, x_part and y_part floats apart, output rows out_pitch floats apart (0:
 // row_len) (see the top of this file).
 int benchlib_spmm_gather(const int32_t* rowptr, const int32_t* off, const float* val,
