@@ -172,7 +172,8 @@ class NativeSparseMatrix(nn.Module):
         return self._fast(*tensors)
 
     def _fast(self, *tensors: torch.Tensor) -> bool:
-        if self.values.dtype != torch.float32:
+        values = self._buffers["values"]  # (without nn.Module's attribute lookup: ~2 us)
+        if values is None or values.dtype != torch.float32:
             return False
         for tensor in tensors:  # noqa: SIM110 - a loop, not all(...): runs on every layer call
             if tensor.dtype != torch.float32 or not tensor.is_cpu:
