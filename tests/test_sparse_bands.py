@@ -37,7 +37,7 @@ from benchlib.sparse.native import (
     GATHER_THREADS,
     Parts,
 )
-from tests.test_sparse_chain import chains, converted
+from tests.test_sparse_chain import chains, checked_chain, converted
 from tests.test_sparse_modules import sparsify_weight
 
 EXACT = 1e-4
@@ -439,19 +439,6 @@ def test_column_blocked_calls_share_one_block_major_copy_of_the_values() -> None
         kernel.values.mul_(2)
     kernel.gather(source, offsets, 3, 3, 3, second, None, ksplit=ksplit)
     assert torch.allclose(second, 2 * first, rtol=1e-5, atol=1e-6)
-
-
-def checked_chain(model: nn.Module, x: torch.Tensor, calls: int = 3) -> NativeChain:
-    """The one chain of ``model`` converted, after ``calls`` calls on ``x`` (the first runs
-    the layers one by one and binds, the others run the bound chain), each equal to the
-    model."""
-    graph = converted(copy.deepcopy(model))
-    [chain] = chains(graph)
-    with torch.inference_mode():
-        expected = model(x)
-        for _ in range(calls):
-            assert relative_error(graph(x), expected) <= EXACT
-    return chain
 
 
 def test_the_writers_of_one_padded_layout_share_a_buffer_whose_padding_stays_zero() -> None:

@@ -60,6 +60,19 @@ def chains(graph: nn.Module) -> list[NativeChain]:
     return [m for m in graph.modules() if isinstance(m, NativeChain)]
 
 
+def checked_chain(model: nn.Module, x: torch.Tensor, calls: int = 3) -> NativeChain:
+    """The one chain of ``model`` converted, after ``calls`` calls on ``x`` (the first runs
+    the layers one by one and binds, the others run the bound chain), each equal to the
+    model."""
+    graph = converted(copy.deepcopy(model))
+    [chain] = chains(graph)
+    with torch.inference_mode():
+        expected = model(x)
+        for _ in range(calls):
+            assert relative_error(graph(x), expected) <= EXACT
+    return chain
+
+
 def test_a_resnet_body_is_one_chain_equal_to_dense_on_every_call() -> None:
     model = bottleneck_net()
     graph = converted(copy.deepcopy(model), chain=False)
@@ -169,14 +182,7 @@ def test_copies_pickles_and_threads_get_the_same_results() -> None:
 def test_a_residual_no_later_step_reads_is_overwritten_by_the_sum() -> None:
     """Each bottleneck's last conv writes its output over its residual (the block's input or
     its downsample's output): the same buffer, every call equal to the model."""
-    model = bottleneck_net()
-    graph = converted(copy.deepcopy(model))
-    [chain] = chains(graph)
-    x = torch.randn(1, 3, 64, 64)
-    with torch.inference_mode():
-        expected = model(x)
-        for _ in range(3):
-            assert relative_error(graph(x), expected) <= EXACT
+    chain = checked_chain(bottleneck_net(), torch.randn(1, 3, 64, 64))
     [binding] = chain._bindings.values()
     products = [call for kind, call in binding.calls if kind == GATHER_STEP]
     summed = [call for call in products if call[GATHER_RESIDUAL]]
@@ -206,12 +212,7 @@ def test_a_residual_still_read_is_not_overwritten(how: str) -> None:
     model = Reused(how).eval()
     for index, layer in enumerate((model.a, model.b, model.c, model.d, model.e)):
         sparsify_weight(layer, 0.6, index, "none")
-    graph = converted(model)
-    [chain] = chains(graph)
-    x = torch.randn(1, 4, 6, 6)
-    with torch.inference_mode():
-        for _ in range(3):
-            assert relative_error(graph(x), model(x)) <= EXACT
+    chain = checked_chain(model, torch.randn(1, 4, 6, 6))
     [binding] = chain._bindings.values()
     summed = [call for kind, call in binding.calls if kind == GATHER_STEP and call[GATHER_RESIDUAL]]
     assert summed and summed[0][GATHER_OUT] != summed[0][GATHER_RESIDUAL]
