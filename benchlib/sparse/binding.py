@@ -221,9 +221,9 @@ def _overwritable(
     input too, and of the output's size (a residual is laid out as the output). The kernels
     read a tile's residual before they write the tile (``csrc/spmm.cpp``), so the output's
     lines are in cache when written instead of read from memory first: in ResNet-50
-    magnitude:0.9's chain (AVX2 EPYC, 2 threads, in-process A/B, two runs) the convs that add
-    a residual took 0.84-0.96x the time per step but for a few 7x7 ones within noise (0.82-1.13x),
-    and the whole 0.978x and 0.984x."""
+    magnitude:0.9's chain (AVX2 EPYC, 2 threads, in-process A/B, two runs) most convs that add
+    a residual took 0.84-0.96x the time per step (the small 7x7 ones 0.82-1.13x, within a
+    step's noise), and the whole chain 0.978x and 0.984x."""
     return (
         residual != CHAIN_INPUT
         and residual != source
