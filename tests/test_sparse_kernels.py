@@ -1144,6 +1144,13 @@ def test_large_convs_run_in_column_blocks_and_equal_dense(
         assert relative_error(sparse(x), torch.relu(conv(x))) <= EXACT
 
 
+def layout_of(channels: int, size: int, kernel: int, stride: int) -> ConvLayout:
+    pad = kernel // 2
+    return ConvLayout.of(
+        channels, (size, size), (kernel, kernel), (stride, stride), (1, 1), (pad,) * 4
+    )
+
+
 def test_a_narrow_kxk_conv_runs_in_blocks_only_when_its_source_outgrows_l2() -> None:
     torch.manual_seed(0)
     conv = nn.Conv2d(512, 32, 3, 2, 1).eval()  # ResNet-50's strided 3x3 at 14x14, fewer outputs
@@ -1153,19 +1160,12 @@ def test_a_narrow_kxk_conv_runs_in_blocks_only_when_its_source_outgrows_l2() -> 
     assert layout.columns < 128 and layout.floats > L2_FLOATS  # one tile; four phase images
     assert sparse.ksplit(14, 14) is not None
     kernel: NativeSparseMatrix = sparse.kernel  # type: ignore[assignment]
-    small = ConvLayout.of(512, (7, 7), (3, 3), (2, 2), (1, 1), (1, 1, 1, 1))
+    small = layout_of(512, 7, 3, 2)
     assert small.columns < 128 and small.floats <= L2_FLOATS
     assert column_block(kernel, small) is None  # one tile, its source in L2: one block
     x = torch.randn(1, 512, 14, 14)
     with torch.no_grad():
         assert relative_error(sparse(x), conv(x)) <= EXACT
-
-
-def layout_of(channels: int, size: int, kernel: int, stride: int) -> ConvLayout:
-    pad = kernel // 2
-    return ConvLayout.of(
-        channels, (size, size), (kernel, kernel), (stride, stride), (1, 1), (pad,) * 4
-    )
 
 
 def test_a_strip_holds_the_tile_and_the_rows_its_taps_reach_in_each_phase() -> None:
