@@ -26,6 +26,7 @@ from benchlib.sparse.bands import (
     writes_padded,
 )
 from benchlib.sparse.binding import Binding
+from benchlib.sparse.build import load_library
 from benchlib.sparse.chain import NativeChain
 from benchlib.sparse.direct import COPY_BAND, COPY_OUT, COPY_SOURCE, COPY_STRIDE, COPY_THREADS
 from benchlib.sparse.modules import SparseConv2d
@@ -37,6 +38,7 @@ from benchlib.sparse.native import (
     GATHER_THREADS,
     Parts,
 )
+from benchlib.sparse.tiling import TILE_VECTORS, VECTOR_FLOATS, tile_floats, vector_floats
 from tests.test_sparse_chain import chains, checked_chain, converted
 from tests.test_sparse_modules import sparsify_weight
 
@@ -46,21 +48,46 @@ EXACT = 1e-4
 pytestmark = pytest.mark.usefixtures("native_kernels")
 
 
-def test_bands_are_whole_rows_of_at_most_64_floats_in_large_images_and_aligned() -> None:
-    assert bands_for(56, 56) == Bands(1, 56)  # ResNet-50's layer1
-    assert bands_for(28, 28) == Bands(2, 56)  # layer2
-    assert bands_for(32, 32) == Bands(2, 64)
-    assert bands_for(30, 20) == Bands(3, 64)  # 60 floats (3 divides 30), 32-byte aligned
-    assert bands_for(64, 64) == Bands(1, 64)
-    assert bands_for(16, 32) == Bands(2, 64)  # 512 pixels: 8 bands
-    assert bands_for(600, 1) == Bands(60, 64)  # the most rows that fit and divide 600
+def test_bands_are_whole_rows_of_at_most_a_tile_in_large_images_and_aligned() -> None:
+    def avx2(height: int, width: int) -> Bands | None:  # tiles of 64 floats, vectors of 8
+        return bands_for(height, width, band=64, align=8)
+
+    assert avx2(56, 56) == Bands(1, 56)  # ResNet-50's layer1
+    assert avx2(28, 28) == Bands(2, 56)  # layer2
+    assert avx2(32, 32) == Bands(2, 64)
+    assert avx2(30, 20) == Bands(3, 64)  # 60 floats (3 divides 30), 32-byte aligned
+    assert avx2(64, 64) == Bands(1, 64)
+    assert avx2(16, 32) == Bands(2, 64)  # 512 pixels: 8 bands
+    assert avx2(600, 1) == Bands(60, 64)  # the most rows that fit and divide 600
     # one band: planes padded to a multiple of 8 floats, or plain NCHW where they are
-    assert bands_for(14, 14) == Bands(14, 200)  # layer3: 196 pixels
-    assert bands_for(7, 7) == Bands(7, 56)  # layer4
-    assert bands_for(16, 16) is None  # 256 pixels
-    assert bands_for(15, 32) is None  # 480 pixels
-    assert bands_for(100, 100) is None  # a row wider than a band, 10000 floats a plane
-    assert bands_for(99, 99) == Bands(99, 9808)
+    assert avx2(14, 14) == Bands(14, 200)  # layer3: 196 pixels
+    assert avx2(7, 7) == Bands(7, 56)  # layer4
+    assert avx2(16, 16) is None  # 256 pixels
+    assert avx2(15, 32) is None  # 480 pixels
+    assert avx2(100, 100) is None  # a row wider than a band, 10000 floats a plane
+    assert avx2(99, 99) == Bands(99, 9808)
+
+
+def test_avx512_bands_are_a_128_float_tile_wide_and_64_byte_aligned() -> None:
+    def avx512(height: int, width: int) -> Bands | None:
+        return bands_for(height, width, band=128, align=16)
+
+    assert avx512(56, 56) == Bands(2, 112)
+    assert avx512(28, 28) == Bands(4, 112)
+    assert avx512(30, 20) == Bands(6, 128)
+    assert avx512(14, 14) == Bands(14, 208)  # one band, padded to 13 cache lines
+    assert avx512(7, 7) == Bands(7, 64)
+    assert avx512(16, 16) is None  # 256 floats: aligned already
+    assert avx512(99, 99) == Bands(1, 112)  # a row of 99 floats in a band
+    assert avx512(150, 150) == Bands(150, 22512)  # a row wider than a band: one band
+
+
+def test_bands_follow_the_loaded_kernels_tile_and_vector() -> None:
+    tile, vector = tile_floats(), vector_floats()
+    assert tile == TILE_VECTORS * vector
+    assert vector == VECTOR_FLOATS[load_library().isa]  # type: ignore[union-attr]
+    assert bands_for(56, 56) == bands_for(56, 56, band=tile, align=vector)
+    assert bands_for(14, 14) == bands_for(14, 14, band=tile, align=vector)
 
 
 def test_to_bands_and_back() -> None:
@@ -303,29 +330,48 @@ def bottleneck_chain(size: int) -> tuple[NativeChain, list[Binding]]:
     return chain, list(chain._bindings.values())
 
 
-def test_a_chain_at_32x32_runs_its_layers_in_bands_and_equals_the_model() -> None:
-    """ResNet bottlenecks at 32x32 (bands of two rows) then 16x16 (NCHW), batches 1 and 2:
-    the chain keeps its output and the head's input NCHW, and equals the model."""
+@pytest.fixture(params=["avx2", "avx512"])
+def band_isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The chain's bands as they are for the AVX2 kernels (bands of 64 floats, strips 8
+    apart) or the AVX-512 ones (128, 16), whichever kernels run."""
+    tile, vector = {"avx2": (64, 8), "avx512": (128, 16)}[request.param]
+    monkeypatch.setattr("benchlib.sparse.bands.tile_floats", lambda: tile)
+    monkeypatch.setattr("benchlib.sparse.bands.vector_floats", lambda: vector)
+    return str(request.param)
+
+
+def test_a_chain_at_32x32_runs_its_layers_in_bands_and_equals_the_model(band_isa: str) -> None:
+    """ResNet bottlenecks at 32x32 (bands of two rows, four on AVX-512) then 16x16 (NCHW),
+    batches 1 and 2: the chain keeps its output and the head's input NCHW, and equals the
+    model."""
     chain, bindings = bottleneck_chain(128)
+    bands = {"avx2": Bands(2, 64), "avx512": Bands(4, 128)}[band_isa]
     for binding in bindings:
         # layer1 and layer2's first 1x1 conv write 32x32 outputs (but layer1's first, which
         # writes the padded input of its 3x3 conv), the rest 16x16 or less, whose planes of
         # 256, 64 and 16 floats are aligned already
-        assert binding.bands == [None] + [Bands(2, 64)] * 4 + [None] * 14
+        assert binding.bands == [None] + [bands] * 4 + [None] * 14
         assert binding.fused_copies == 2  # and layer2's second block's first 1x1 conv
     assert chain.banded_layers() == 4
     assert chain.padded_layers() == 0
 
 
-def test_a_chain_holds_planes_of_unaligned_sizes_padded_and_its_head_reads_them() -> None:
-    """The same net on 96x96: layer1 at 24x24 in bands of two rows (48 floats), layer2 at
-    12x12 NCHW (144 floats a plane), layer3 at 6x6 and layer4 at 3x3 in planes padded to 40
-    and 16 floats, read by the head's pool: the chain equals the model."""
+def test_a_chain_holds_planes_of_unaligned_sizes_padded_and_its_head_reads_them(
+    band_isa: str,
+) -> None:
+    """The same net on 96x96: layer1 at 24x24 in bands of two rows (48 floats; AVX-512: four,
+    96), layer2 at 12x12 NCHW (144 floats a plane), layer3 at 6x6 and layer4 at 3x3 in planes
+    padded to 40 and 16 floats (48 and 16), read by the head's pool: the chain equals the
+    model."""
     chain, bindings = bottleneck_chain(96)
+    first, third = {
+        "avx2": (Bands(2, 48), Bands(6, 40)),
+        "avx512": (Bands(4, 96), Bands(6, 48)),
+    }[band_isa]
     for binding in bindings:
         # layer1 and layer2's first 1x1 conv (24x24; but the writer of a padded copy),
         # layer2's others (12x12), layer3's four (6x6) and layer4's three (3x3, the head's)
-        expected_bands = [None] + [Bands(2, 48)] * 4 + [None] * 7 + [Bands(6, 40)] * 4
+        expected_bands = [None] + [first] * 4 + [None] * 7 + [third] * 4
         assert binding.bands == expected_bands + [Bands(3, 16)] * 3
     assert (chain.banded_layers(), chain.padded_layers()) == (4, 7)
 
@@ -358,7 +404,7 @@ def test_a_residual_and_the_output_it_joins_share_one_layout() -> None:
         for _ in range(2):
             assert relative_error(graph(x), model(x)) <= EXACT
     # a: bands; b adds the chain's (NCHW) input: NCHW; c, d (adds c's output): bands; e: last
-    bands = Bands(2, 64)
+    bands = bands_for(32, 32)  # two rows of 64 floats on AVX2, four of 128 on AVX-512
     assert chain._bindings[(1, 8, 32, 32)].bands == [bands, None, bands, bands, None]
 
 

@@ -9,7 +9,7 @@ one short run per channel plane, each in another page; and it writes its output 
 way. A conv whose source is a layout copy (padded or strided) reads a banded input through the
 copy (``COPY_BAND``, ``COPY_STRIDE``) and can write a banded output as well, one band per part.
 A small image is held in one band: NCHW, its planes padded to an aligned ``stride`` where
-``H * W`` is not a multiple of ``STRIDE_FLOATS``. A 1x1 conv whose reader is a 3x3 conv can
+``H * W`` is not a multiple of a vector. A 1x1 conv whose reader is a 3x3 conv can
 instead write the zero-padded images that reader's layout copy would make (``padded_product``;
 ``binding._fused_copies``).
 
@@ -22,7 +22,7 @@ and 28x28 in bands of 112 floats 1.02x. Per step inside ResNet-50's chain: the 1
 0.93-0.95x at 56x56 and 1.00-1.09x at 28x28 (kept: the 1x1 conv after each reads the bands);
 end to end 0.933-0.937x. So bands are as wide as fit in ``BAND_FLOATS`` (a column tile of the
 kernels), and only where an image has at least ``BAND_MIN_PIXELS``. With the strips aligned
-(``STRIDE_FLOATS``), 14x14 in bands of 7 rows (104 floats) ran end to end in 1.00x the time of
+(to a vector), 14x14 in bands of 7 rows (104 floats) ran end to end in 1.00x the time of
 one band of 200, in bands of 2 rows (32 floats) 1.03-1.05x. The planes of 14x14 and 7x7 padded
 to 200 and 56 floats: their 1x1 convs 0.82-0.93x per step in the chain, ResNet-50 end to end
 0.968x (per step), 0.973x and 0.978x (two A/B runs of 60 alternating rounds; a third, in a
@@ -55,20 +55,20 @@ from benchlib.sparse.native import (
     GATHER_THREADS,
     Parts,
 )
+from benchlib.sparse.tiling import tile_floats, vector_floats
 
-BAND_FLOATS = 64
-"""At most this many floats per channel and band (the AVX2 kernels' column tile)."""
 BAND_MIN_PIXELS = 512
 """Images of fewer pixels stay in one band: 14x14 (196) and 7x7 ran no faster in bands of
 rows (above)."""
-STRIDE_FLOATS = 8
-"""A channel's rows of a band start this many floats (32 bytes, an AVX2 vector) apart: the
-kernels' vector loads of a strip then never straddle a cache line (one in two does, for
-planes of 196 floats). Measured (AVX2 EPYC, 2 threads, in-process A/B of one layer, planes of
-196 / 49 floats against 200 / 56): ResNet-50's 1x1 convs at 14x14 and 7x7 at their
-``magnitude:0.9`` densities ran in 0.83-0.89x the time (512 -> 2048 @7x7 at 0.03: 0.92-0.97x).
-A strided 1x1 conv's copy is aligned likewise (``tiling.COPY_ALIGN_1X1``). Not measured on an
-AVX-512 machine (64-byte vectors)."""
+# A band holds at most a column tile of the loaded kernels per channel (``tiling.tile_floats``:
+# 64 floats on AVX2, 128 on AVX-512), and each channel's strip starts a vector of them apart
+# (``tiling.vector_floats``: 8 or 16 floats), so that the kernels' vector loads of a strip
+# never straddle a cache line (one in two does on AVX2 for planes of 196 floats; on AVX-512
+# every load not 64-byte aligned does). Measured on the AVX2 EPYC (2 threads, in-process A/B
+# of one layer, planes of 196 / 49 floats against 200 / 56): ResNet-50's 1x1 convs at 14x14
+# and 7x7 at their ``magnitude:0.9`` densities ran in 0.83-0.89x the time (512 -> 2048 @7x7 at
+# 0.03: 0.92-0.97x). On the AVX-512 Xeon, bands of 128 floats and strips aligned to 16 ran
+# ResNet-50 end to end in 0.864-0.874x the time of AVX2's 64 and 8 (see ``vector_floats``).
 
 
 @dataclass(frozen=True)
@@ -99,21 +99,21 @@ class Bands:
             )
 
 
-def _aligned(floats: int) -> int:
-    return -(-floats // STRIDE_FLOATS) * STRIDE_FLOATS
-
-
-def bands_for(height: int, width: int) -> Bands | None:
+def bands_for(
+    height: int, width: int, band: int | None = None, align: int | None = None
+) -> Bands | None:
     """The bands a chain holds an activation of (height, width) pixels in: the most whole rows
-    that fit ``BAND_FLOATS`` and divide ``height`` for an image of at least
-    ``BAND_MIN_PIXELS`` pixels whose rows fit ``BAND_FLOATS``; else one band. Either way each
-    channel's strip is ``STRIDE_FLOATS``-aligned; None (plain NCHW) where one band's planes
-    are already."""
-    if height * width >= BAND_MIN_PIXELS and width <= BAND_FLOATS:
-        rows = max(r for r in range(1, height + 1) if height % r == 0 and r * width <= BAND_FLOATS)
-        return Bands(rows, _aligned(rows * width))
-    if (height * width) % STRIDE_FLOATS:
-        return Bands(height, _aligned(height * width))
+    that fit ``band`` floats (``tiling.tile_floats()`` when None) and divide ``height`` for an
+    image of at least ``BAND_MIN_PIXELS`` pixels whose rows fit; else one band. Either way each
+    channel's strip is aligned to ``align`` floats (``tiling.vector_floats()`` when None); None
+    (plain NCHW) where one band's planes are already."""
+    band = tile_floats() if band is None else band
+    align = vector_floats() if align is None else align
+    if height * width >= BAND_MIN_PIXELS and width <= band:
+        rows = max(r for r in range(1, height + 1) if height % r == 0 and r * width <= band)
+        return Bands(rows, -(-rows * width // align) * align)
+    if (height * width) % align:
+        return Bands(height, -(-height * width // align) * align)
     return None
 
 

@@ -47,7 +47,12 @@ from benchlib.sparse.native import (
     ColumnBlocks,
     Parts,
 )
-from benchlib.sparse.tiling import ALIGN_MIN_REUSE, COPY_ALIGN_1X1, aligned_copy_pays, column_block
+from benchlib.sparse.tiling import (
+    ALIGN_MIN_REUSE,
+    aligned_copy_pays,
+    column_block,
+    vector_floats,
+)
 
 BETA_WARNING = r"Sparse (CSR|CSC|BSR|BSC) tensor support is in beta state"
 """PyTorch warns once per process that its compressed sparse layouts are beta: that is a fact
@@ -437,14 +442,14 @@ class SparseConv2d(nn.Module):
 
     def _plane_align(self) -> int:
         """The floats a copy of this conv's input rounds its planes up to: ``ALIGN`` for a
-        much-reused 1x1 input where aligned copies pay (``aligned_copy_pays``), else
-        ``COPY_ALIGN_1X1`` for a 1x1 conv whose input is copied anyway (strided or padded),
-        else 1."""
+        much-reused 1x1 input where aligned copies pay (``aligned_copy_pays``), else a vector
+        of the loaded kernels (``tiling.vector_floats``) for a 1x1 conv whose input is copied
+        anyway (strided or padded), else 1."""
         if self.kernel_size != (1, 1):
             return 1
         if self.reuse() >= ALIGN_MIN_REUSE and aligned_copy_pays():
             return ALIGN
-        return 1 if self.pointwise and self.stride == (1, 1) else COPY_ALIGN_1X1
+        return 1 if self.pointwise and self.stride == (1, 1) else vector_floats()
 
     def band_offsets(self, band: int) -> torch.Tensor:
         """The kernel's entry offsets where a 1x1 conv reads its input in bands of ``band``

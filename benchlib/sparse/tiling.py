@@ -32,17 +32,6 @@ A/B, aligned / in place): 512 -> 2048 @7x7 at density 0.1 (reuse 206) 1.13x the 
 at 0.6 1.04x."""
 
 
-COPY_ALIGN_1X1 = 8
-"""A 1x1 conv whose input is copied anyway (strided: the subsampled phase; or padded) rounds
-the copy's planes up to this many floats (32 bytes, an AVX2 vector), so that the kernels'
-vector loads of a channel's strip never straddle a cache line; the copy writes no more.
-Measured (AVX2 EPYC, 2 threads, in-process A/B of one layer, planes of 196 / 49 floats
-against 200 / 56): ResNet-50's strided 1x1 convs 512 -> 1024 @28x28 at density 0.13 0.93x
-the time, 0.3 0.87x; 1024 -> 2048 @14x14 at 0.033 0.95-0.97x, 0.2 0.89-0.90x (256 -> 512
-@56x56 reads planes of 784 floats, aligned already). Its 3x3 convs, whose taps read at
-every column offset anyway, ran 0.97-1.04x with their planes rounded up: not done."""
-
-
 def aligned_copy_pays() -> bool:
     """True where the native kernels are built for an instruction set in ``ALIGN_ISAS``."""
     loaded = load_library()
@@ -79,11 +68,29 @@ VECTOR_FLOATS = {"avx512": 16, "avx2": 8, "generic": 8}
 """Floats per vector of each instruction set the kernels build for (``V::W``)."""
 
 
-def tile_floats() -> int:
-    """The columns of one tile of the loaded kernels (AVX2's where none are loaded)."""
+def vector_floats() -> int:
+    """Floats per vector of the loaded kernels (AVX2's where none are loaded): what the
+    activations a chain holds (``bands.py``) and a 1x1 conv's copied input
+    (``SparseConv2d.layout``) align each channel's strip to, so that no vector load of it
+    straddles a cache line.
+
+    Measured for the copies of the strided 1x1 convs (2 threads, in-process A/B of one layer,
+    planes of 196 / 49 floats against 200 / 56; AVX2 EPYC): 512 -> 1024 @28x28 at density
+    0.13 0.93x the time, 0.3 0.87x; 1024 -> 2048 @14x14 at 0.033 0.95-0.97x, 0.2 0.89-0.90x.
+    The 3x3 convs, whose taps read at every column offset anyway, ran 0.97-1.04x with their
+    planes rounded up: not done. On the AVX-512 Xeon (Intel, 2 vCPUs), a vector is a whole
+    cache line, so every load of a strip not 64-byte aligned straddles two: ResNet-50
+    magnitude:0.9 end to end with the chain's strips and the copies aligned to 16 floats
+    instead of 8 ran 0.985x the time, with the bands a tile wide as well 0.864-0.874x
+    (``tile_floats``; in-process A/B, 20 rounds of 8 calls)."""
     loaded = load_library()
     isa = loaded.isa if isinstance(loaded, NativeLibrary) else "avx2"
-    return TILE_VECTORS * VECTOR_FLOATS.get(isa, 8)
+    return VECTOR_FLOATS.get(isa, 8)
+
+
+def tile_floats() -> int:
+    """The columns of one tile of the loaded kernels (AVX2's where none are loaded)."""
+    return TILE_VECTORS * vector_floats()
 
 
 def strip_floats(layout: ConvLayout, tile: int) -> int:
