@@ -922,13 +922,15 @@ def test_the_native_layout_copy_equals_the_torch_one(
     threads=st.sampled_from([1, 2]),
     band_pick=st.integers(0, 8),
     pad=st.integers(0, 9),
+    row_align=st.sampled_from([1, 1, 8, 16]),
 )
 # the last plane reads no input row while its rows have left padding (1 row, top padding 1,
 # stride 2): zeroing "the rows above and the first row's left padding" would overrun it
-@example(2, 1, 5, 1, 2, 1, (1, 0, 1, 0), 1, 1, 0, 0)
-@example(3, 2, 7, 3, 3, 1, (5, 0, 4, 2), 16, 2, 0, 0)
-@example(3, 12, 7, 3, 2, 1, (1, 1, 1, 1), 1, 2, 3, 0)  # bands of 3 rows
-@example(3, 12, 7, 3, 2, 1, (1, 1, 1, 1), 8, 2, 3, 5)  # their strips 26 floats apart
+@example(2, 1, 5, 1, 2, 1, (1, 0, 1, 0), 1, 1, 0, 0, 1)
+@example(3, 2, 7, 3, 3, 1, (5, 0, 4, 2), 16, 2, 0, 0, 1)
+@example(3, 12, 7, 3, 2, 1, (1, 1, 1, 1), 1, 2, 3, 0, 1)  # bands of 3 rows
+@example(3, 12, 7, 3, 2, 1, (1, 1, 1, 1), 8, 2, 3, 5, 1)  # their strips 26 floats apart
+@example(3, 12, 7, 3, 1, 1, (1, 1, 1, 1), 1, 2, 3, 0, 16)  # stride 1, rows of 16 floats
 def test_the_native_layout_copy_of_any_shape_writes_exactly_its_planes(
     channels: int,
     height: int,
@@ -941,16 +943,17 @@ def test_the_native_layout_copy_of_any_shape_writes_exactly_its_planes(
     threads: int,
     band_pick: int,
     pad: int,
+    row_align: int,
 ) -> None:
     """Every phase image, including those that read no input row (a padding wider than the
-    input), equals the torch copy, and nothing past the last plane is written; from an NCHW
-    input or one in bands of rows (``band_pick`` picks the rows among the height's divisors,
-    0: NCHW) whose channels' strips lie ``pad`` floats more apart than their rows take (the
-    floats between are NaN: never read)."""
+    input), with its rows aligned or not, equals the torch copy, and nothing past the last
+    plane is written; from an NCHW input or one in bands of rows (``band_pick`` picks the rows
+    among the height's divisors, 0: NCHW) whose channels' strips lie ``pad`` floats more apart
+    than their rows take (the floats between are NaN: never read)."""
     try:
         layout = ConvLayout.of(
             channels, (height, width), (kernel, kernel), (stride, stride),
-            (dilation, dilation), padding, align=align,
+            (dilation, dilation), padding, align=align, row_align=row_align,
         )  # fmt: skip
     except ValueError:
         return  # the padded input is smaller than the kernel
@@ -976,6 +979,37 @@ def test_the_native_layout_copy_of_any_shape_writes_exactly_its_planes(
         expected = layout.source(x)  # by torch ops
     assert torch.equal(guarded[: 2 * layout.floats].reshape(2, -1), expected)
     assert guarded[2 * layout.floats :].isnan().all()
+
+
+def test_a_strided_kxk_conv_reads_vector_aligned_rows_where_that_widens_them_little(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where the loaded kernels take aligned rows (AVX-512; here any ISA, patched), a strided
+    3x3 conv's phase rows round up to a vector when that widens them by at most 1/8 (56x56:
+    29 floats -> 32 on AVX-512), not where it would double them (14x14: 8 -> 16), and never
+    for a stride-1 or 1x1 conv; the conv equals the dense one either way."""
+    monkeypatch.setattr("benchlib.sparse.tiling.ALIGNED_ROWS_ISAS", frozenset({load_library().isa}))
+    vector = vector_floats()
+    cases = [  # in channels, kernel, stride, size: phase_w; the plain layout's is its own
+        (8, 3, 2, 56, -(-29 // vector) * vector),
+        (8, 3, 2, 14, 8),
+        (8, 3, 1, 28, 30),
+        (8, 1, 2, 28, 14),
+    ]
+    for index, (channels, kernel, stride, size, phase_w) in enumerate(cases):
+        torch.manual_seed(index)
+        conv = nn.Conv2d(channels, 16, kernel, stride, kernel // 2, bias=False).eval()
+        sparsify_weight(conv, 0.7, index, "none")
+        sparse = SparseConv2d.from_dense(conv, NativeSparseMatrix)
+        layout, _ = sparse.layout(size, size)
+        assert layout.phase_w == phase_w, (kernel, stride, size)
+        assert layout.plane % vector == 0 or phase_w % vector  # aligned rows: aligned planes
+        x = torch.randn(2, channels, size, size)
+        with torch.no_grad():
+            assert relative_error(sparse(x), conv(x)) <= EXACT
+    monkeypatch.setattr("benchlib.sparse.tiling.ALIGNED_ROWS_ISAS", frozenset())
+    plain = SparseConv2d.from_dense(nn.Conv2d(8, 16, 3, 2, 1), NativeSparseMatrix)
+    assert plain.layout(56, 56)[0].phase_w == 29
 
 
 def test_the_stride_2_copy_is_exact_for_every_row_length() -> None:

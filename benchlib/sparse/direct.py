@@ -77,10 +77,11 @@ class ConvLayout:
         padding: tuple[int, int, int, int],
         *,
         align: int = 1,
+        row_align: int = 1,
     ) -> ConvLayout:
         """The layout for an input of ``channels`` x ``size`` (height, width); ``align`` rounds
         the planes up to a multiple of that many floats (a copy then, where the input could be
-        read in place).
+        read in place), ``row_align`` the phase images' rows (and so the planes) as well.
         Raises ValueError when the input is smaller than the (dilated) kernel after padding, or
         an image would not fit int32 offsets."""
         top, bottom, left, right = padding
@@ -100,7 +101,10 @@ class ConvLayout:
                     for s in range(kernel_size[1])})
         )  # fmt: skip
         phase_h, phase_w = math.ceil(padded[0] / sh), math.ceil(padded[1] / sw)
-        plane = -(-phase_h * phase_w // max(1, align)) * max(1, align)
+        row_align = max(1, row_align)
+        phase_w = -(-phase_w // row_align) * row_align
+        align = math.lcm(max(1, align), row_align)
+        plane = -(-phase_h * phase_w // align) * align
         layout = cls(
             channels, size[0], size[1], kernel_size, stride, dilation, padding, out[0], out[1],
             phase_h, phase_w, phases, plane,
@@ -201,7 +205,11 @@ class ConvLayout:
             copy()
             return out
         top, bottom, left, right = self.padding
-        if self.stride == (1, 1) and self.plane == self.phase_h * self.phase_w:
+        if (
+            self.stride == (1, 1)
+            and self.phase_w == self.width + left + right
+            and self.plane == self.phase_h * self.phase_w
+        ):
             return F.pad(x, (left, right, top, bottom)).contiguous().reshape(batch, -1)
         (sh, sw), h, w = self.stride, self.height, self.width
         flat = x.new_zeros(batch, len(self.phases), self.channels, self.plane)

@@ -49,7 +49,9 @@ from benchlib.sparse.native import (
 )
 from benchlib.sparse.tiling import (
     ALIGN_MIN_REUSE,
+    ALIGNED_ROWS_MAX_WIDENING,
     aligned_copy_pays,
+    aligned_rows_pay,
     column_block,
     vector_floats,
 )
@@ -436,9 +438,22 @@ class SparseConv2d(nn.Module):
                 self.dilation,
                 self.padding,
                 align=self._plane_align(),
+                row_align=vector_floats() if self._aligned_rows(width) else 1,
             )
             cached = self._layouts[key] = (layout, layout.entry_offsets(kernel.col))
         return cached
+
+    def _aligned_rows(self, width: int) -> bool:
+        """Whether a copy of this conv's input starts each row of its phase images on a vector
+        boundary: a strided kxk conv (k > 1) on kernels whose unaligned loads cost about two
+        aligned ones (``tiling.aligned_rows_pay``), where that widens the rows by at most
+        ``ALIGNED_ROWS_MAX_WIDENING``."""
+        if self.kernel_size == (1, 1) or self.stride == (1, 1) or not aligned_rows_pay():
+            return False
+        left, right = self.padding[2], self.padding[3]
+        phase_w = -(-(width + left + right) // self.stride[1])
+        vector = vector_floats()
+        return -(-phase_w // vector) * vector <= phase_w * ALIGNED_ROWS_MAX_WIDENING
 
     def _plane_align(self) -> int:
         """The floats a copy of this conv's input rounds its planes up to: ``ALIGN`` for a

@@ -32,6 +32,30 @@ A/B, aligned / in place): 512 -> 2048 @7x7 at density 0.1 (reuse 206) 1.13x the 
 at 0.6 1.04x."""
 
 
+ALIGNED_ROWS_ISAS = frozenset({"avx512"})
+"""The kernels' instruction sets whose strided kxk convs read phase images with vector-aligned
+rows (``ConvLayout.of``'s ``row_align``): those whose vector is a cache line, so that every
+unaligned load straddles two (a tile's loop of 8 loads and 8 FMAs per entry over an
+L1-resident strip ran 63-65 GMAC/s a core aligned and 37-38 unaligned, on the AVX-512 Xeon).
+Rows a multiple of 16 floats align six of a 3x3/2 conv's nine taps (those that read no
+column to the right of their phase's). Measured there (2 threads, the two layouts in turn,
+12 x 40 calls each, alternating which goes first; at density 0.1 where not said): 3x3/2
+128 -> 128 @56x56 (rows of 29 floats -> 32) 0.959x the time, at 0.3 0.936x; 256 -> 256
+@28x28 (15 -> 16) 0.944x; but 512 -> 512 @14x14 (8 -> 16) 1.400x (in an earlier, shorter
+run), hence ``ALIGNED_ROWS_MAX_WIDENING``. The stride-1 3x3 convs, with three taps of nine
+aligned, ran 1.00-1.05x: not done. Identical layouts read 0.986-1.008x in the same runs."""
+ALIGNED_ROWS_MAX_WIDENING = 1.125
+"""A strided conv's phase rows are aligned only where that widens them by at most this
+factor (29 -> 32 floats: 1.10; 8 -> 16: 2)."""
+
+
+def aligned_rows_pay() -> bool:
+    """True where the native kernels are built for an instruction set in
+    ``ALIGNED_ROWS_ISAS``."""
+    loaded = load_library()
+    return isinstance(loaded, NativeLibrary) and loaded.isa in ALIGNED_ROWS_ISAS
+
+
 def aligned_copy_pays() -> bool:
     """True where the native kernels are built for an instruction set in ``ALIGN_ISAS``."""
     loaded = load_library()
