@@ -20,8 +20,8 @@ Measured on the AVX2 EPYC (2 threads, in-process A/B). ResNet-50's 1x1 convs at 
 and 28x28 in bands of 112 floats 1.02x. Per step inside ResNet-50's chain: the 1x1 convs at
 56x56 and 28x28 0.79-0.93x; the 3x3 convs writing bands from their NCHW padded source
 0.93-0.95x at 56x56 and 1.00-1.09x at 28x28 (kept: the 1x1 conv after each reads the bands);
-end to end 0.933-0.937x. So bands are as wide as fit in ``BAND_FLOATS`` (a column tile of the
-kernels), and only where an image has at least ``BAND_MIN_PIXELS``. With the strips aligned
+end to end 0.933-0.937x. So bands are as wide as fit in a column tile of the kernels
+(``tiling.tile_floats``), and only where an image has at least ``BAND_MIN_PIXELS``. With the strips aligned
 (to a vector), 14x14 in bands of 7 rows (104 floats) ran end to end in 1.00x the time of
 one band of 200, in bands of 2 rows (32 floats) 1.03-1.05x. The planes of 14x14 and 7x7 padded
 to 200 and 56 floats: their 1x1 convs 0.82-0.93x per step in the chain, ResNet-50 end to end
