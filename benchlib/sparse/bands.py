@@ -21,12 +21,12 @@ and 28x28 in bands of 112 floats 1.02x. Per step inside ResNet-50's chain: the 1
 56x56 and 28x28 0.79-0.93x; the 3x3 convs writing bands from their NCHW padded source
 0.93-0.95x at 56x56 and 1.00-1.09x at 28x28 (kept: the 1x1 conv after each reads the bands);
 end to end 0.933-0.937x. So bands are as wide as fit in a column tile of the kernels
-(``tiling.tile_floats``), and only where an image has at least ``BAND_MIN_PIXELS``. With the strips aligned
-(to a vector), 14x14 in bands of 7 rows (104 floats) ran end to end in 1.00x the time of
-one band of 200, in bands of 2 rows (32 floats) 1.03-1.05x. The planes of 14x14 and 7x7 padded
-to 200 and 56 floats: their 1x1 convs 0.82-0.93x per step in the chain, ResNet-50 end to end
-0.968x (per step), 0.973x and 0.978x (two A/B runs of 60 alternating rounds; a third, in a
-noisy minute, 0.987x), bit-identical outputs.
+(``tiling.tile_floats``), and only where an image has at least ``BAND_MIN_PIXELS``. With the
+strips aligned (to a vector), 14x14 in bands of 7 rows (104 floats) ran end to end in 1.00x
+the time of one band of 200, in bands of 2 rows (32 floats) 1.03-1.05x. The planes of 14x14
+and 7x7 padded to 200 and 56 floats: their 1x1 convs 0.82-0.93x per step in the chain,
+ResNet-50 end to end 0.968x (per step), 0.973x and 0.978x (two A/B runs of 60 alternating
+rounds; a third, in a noisy minute, 0.987x), bit-identical outputs.
 """
 
 from __future__ import annotations

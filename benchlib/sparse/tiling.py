@@ -104,9 +104,10 @@ def vector_floats() -> int:
     The 3x3 convs, whose taps read at every column offset anyway, ran 0.97-1.04x with their
     planes rounded up: not done. On the AVX-512 Xeon (Intel, 2 vCPUs), a vector is a whole
     cache line, so every load of a strip not 64-byte aligned straddles two: ResNet-50
-    magnitude:0.9 end to end with the chain's strips and the copies aligned to 16 floats
-    instead of 8 ran 0.985x the time, with the bands a tile wide as well 0.864-0.874x
-    (``tile_floats``; in-process A/B, 20 rounds of 8 calls)."""
+    magnitude:0.9 end to end with the chain's strips aligned to 16 floats instead of 8 ran
+    0.985x the time; with the bands a tile wide as well (``tile_floats``) 0.864x, and 0.874x
+    with the strided 1x1 convs' copies aligned to 16 too (in-process A/B on one converted
+    model, 20 rounds of 8 calls each)."""
     loaded = load_library()
     isa = loaded.isa if isinstance(loaded, NativeLibrary) else "avx2"
     return VECTOR_FLOATS.get(isa, 8)
