@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import io
 import stat
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from unittest import mock
@@ -39,7 +40,7 @@ from benchlib.sparse import (
 from benchlib.sparse.bands import Bands, to_bands
 from benchlib.sparse.build import build, cache_dir, compiler
 from benchlib.sparse.direct import ALIGN
-from benchlib.sparse.native import ColumnBlocks
+from benchlib.sparse.native import GATHER_IN_ORDER, GATHER_PARTS, ColumnBlocks
 from benchlib.sparse.tiling import (
     L2_FLOATS,
     STRIP_FLOATS,
@@ -1010,6 +1011,45 @@ def test_a_strided_kxk_conv_reads_vector_aligned_rows_where_that_widens_them_lit
     monkeypatch.setattr("benchlib.sparse.tiling.ALIGNED_ROWS_ISAS", frozenset())
     plain = SparseConv2d.from_dense(nn.Conv2d(8, 16, 3, 2, 1), NativeSparseMatrix)
     assert plain.layout(56, 56)[0].phase_w == 29
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch (and so the native kernels) on ``threads`` threads for the block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_a_strided_kxk_conv_runs_its_product_in_halves_of_output_rows_in_order(
+    threads: int,
+) -> None:
+    """A strided 3x3 conv whose output has an even number of rows (at least 8) runs its
+    product in two parts of whole output rows, the threads taking the tiles in order; an odd
+    one in one part. Either way, on any thread count, it equals the dense conv, with and
+    without a ReLU."""
+    # input size, stride, halves: 28, 14 and 10 output rows in halves; 7 (odd) and 6 (under
+    # 8) in one part, and a stride-1 conv in one part
+    cases = [(56, 2, True), (28, 2, True), (20, 2, True), (14, 2, False), (12, 2, False)]
+    cases += [(16, 1, False)]
+    with torch_threads(threads):
+        for index, (size, stride, halves) in enumerate(cases):
+            torch.manual_seed(index)
+            conv = nn.Conv2d(24, 20, 3, stride, 1).eval()
+            sparsify_weight(conv, 0.8, index, "none")
+            sparse = SparseConv2d.from_dense(conv, NativeSparseMatrix)
+            x = torch.randn(2, 24, size, size)
+            with torch.no_grad():
+                assert relative_error(sparse(x), conv(x)) <= EXACT, (size, stride)
+                sparse.relu = True
+                assert relative_error(sparse(x), conv(x).relu()) <= EXACT, (size, stride)
+            plan = sparse._plans[x.shape]
+            parts, in_order = plan.product[GATHER_PARTS], plan.product[GATHER_IN_ORDER]
+            assert (parts, in_order) == ((2, 1) if halves else (1, 0)), (size, stride)
 
 
 def test_the_stride_2_copy_is_exact_for_every_row_length() -> None:

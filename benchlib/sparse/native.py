@@ -46,6 +46,9 @@ GATHER_OUT = 12
 GATHER_RELU = 15
 GATHER_RESIDUAL = 16
 GATHER_THREADS = 19
+GATHER_PARTS, GATHER_IN_ORDER = 20, 24
+"""Arguments of a ``gather_call`` fixed when it is built: the parts per image and whether the
+threads take the column tiles in order."""
 _ROWS_X, _ROWS_BIAS, _ROWS_Y, _ROWS_RELU, _ROWS_THREADS = 6, 3, 9, 11, 12
 
 
@@ -279,7 +282,7 @@ class NativeSparseMatrix(nn.Module):
             None if residual is None else residual.data_ptr(),
             None if ksplit is None else ksplit.bounds.data_ptr(),
             0 if ksplit is None else ksplit.blocks,
-            torch.get_num_threads(), 1, 0, 0, 0,
+            torch.get_num_threads(), 1, 0, 0, 0, 0,
         )  # fmt: skip
         if status:
             raise ValueError(f"the native kernel refused its operands (status {status})")
@@ -296,6 +299,7 @@ class NativeSparseMatrix(nn.Module):
         bias: torch.Tensor | None,
         ksplit: ColumnBlocks | None = None,
         parts: Parts | None = None,
+        in_order: bool = False,
     ) -> PackedCall:
         """``gather`` for one geometry as a ``PackedCall``, its operands checked once (as
         ``gather`` checks them): per call the caller sets ``GATHER_SOURCE`` and ``GATHER_OUT``
@@ -305,8 +309,11 @@ class NativeSparseMatrix(nn.Module):
         keeps this kernel's tensors, ``offsets``, ``bias`` and ``ksplit`` (with ``ksplit``, its
         own block-major copies of the values and offsets); it is stale once ``values`` is
         another tensor (``.to``, a new kernel). With ``parts``, ``columns`` are per part and
-        the out is (images, ``parts.out_image``) floats. Raises ValueError as ``gather``, and
-        where a part would read or write outside its image.
+        the out is (images, ``parts.out_image``) floats. With ``in_order`` the threads take
+        equal runs of the column tiles in order (thread t the t-th: one part each where the
+        parts are as many as the threads) instead of claiming them or splitting the rows.
+        Raises ValueError as ``gather``, and where a part would read or write outside its
+        image.
         """
         rows_out = -(-columns // pitch) if columns > 0 and pitch > 0 else 0
         plane = rows_out * row_length
@@ -330,7 +337,7 @@ class NativeSparseMatrix(nn.Module):
             parts.out_image, parts.out_row, 0, 0,
             None if ksplit is None else ksplit.bounds.data_ptr(),
             0 if ksplit is None else ksplit.blocks, 1, parts.count, parts.source_step,
-            parts.out_step, parts.out_pitch,
+            parts.out_step, parts.out_pitch, int(in_order),
         )  # fmt: skip
         keep = (self.rowptr, offsets, values, bias, ksplit)
         return PackedCall(library().gather_packed, args, keep)

@@ -108,6 +108,7 @@ struct Problem {
   int64_t parts;   // parts of n columns per image (see the top of this file)
   int64_t x_part;  // floats between parts of X
   int64_t y_part;  // floats between parts of Y (and of the residual)
+  bool in_order;   // threads take equal runs of the column tiles, in order (see run_gather)
 };
 
 // The vectors of a tile: vector v starts at column v * W. With a tail (a tile of cols not a
@@ -434,13 +435,23 @@ void learn_weights(const Share* shares, int parts) {
 // X; guided: 1.0-1.17x the speed of equal static shares on the 56x56 and 28x28 layers), else
 // split the block rows by cost in proportion to the threads' learned speeds, statically (each
 // reads all of X, so every extra claim reads it again: row chunks claimed guided measured
-// 0.98x end to end). Tiny products run on one thread.
+// 0.98x end to end). Tiny products run on one thread. in_order: thread t takes the t-th of
+// equal runs of the tiles, in order (the caller makes them equal: one part per thread), so
+// that it reads only the rows of X its part needs (see SparseConv2d.gather_plan).
 template <int R>
 void run_gather(const Problem& p, int threads) {
   constexpr int64_t TW = max_nv<R>() * V::W;
   const int64_t units = p.images * p.parts * ((p.n + TW - 1) / TW);
   const int64_t work = (p.rowptr[p.block_rows] * R + p.block_rows) * p.n * p.images * p.parts;
   if (work < kMinParallelWork) threads = 1;
+  if (p.in_order && threads > 1) {
+    std::vector<std::vector<float>> buffers(static_cast<size_t>(threads));
+    parallel_rows(units, threads, [&](int64_t t, int64_t parts) {
+      block_rows<R>(p, 0, p.block_rows, units * t / parts, units * (t + 1) / parts,
+                    buffers[static_cast<size_t>(t)]);
+    });
+    return;
+  }
   if (units >= kMinTilesPerThread * threads) {
     std::vector<std::vector<float>> buffers(static_cast<size_t>(threads));
     guided(units, threads, [&](int64_t t, int64_t u0, int64_t u1) {
@@ -616,14 +627,15 @@ int benchlib_split_weights(const float* write, float* read, int n) {
 // ksplit[kb * (block_rows + 1) + i] <= j < ksplit[kb * (block_rows + 1) + i + 1]; the blocks
 // run outer over each tile. parts (at least 1; 0 counts as 1) parts of n
 // columns per image, x_part and y_part floats apart, output rows out_pitch floats apart (0:
-// row_len) (see the top of this file).
+// row_len) (see the top of this file). in_order != 0: the threads take equal runs of the
+// column tiles in order (see run_gather).
 int benchlib_spmm_gather(const int32_t* rowptr, const int32_t* off, const float* val,
                          const float* bias, int64_t block_rows, int64_t R, const float* x,
                          int64_t x_image, int64_t images, int64_t n, int64_t pitch,
                          int64_t row_len, float* y, int64_t y_image, int64_t ldy, int relu,
                          const float* residual, const int32_t* ksplit, int64_t kblocks,
                          int threads, int64_t parts, int64_t x_part, int64_t y_part,
-                         int64_t out_pitch) {
+                         int64_t out_pitch, int64_t in_order) {
   if (out_pitch <= 0) out_pitch = row_len;
   // the residual is added in the direct form only
   if (residual && (pitch != row_len || out_pitch != row_len)) return 2;
@@ -631,7 +643,8 @@ int benchlib_spmm_gather(const int32_t* rowptr, const int32_t* off, const float*
   const Problem p{rowptr,    off,      val,       bias,     block_rows, x,
                   x_image,   images,   n,         pitch,    row_len,    out_pitch,
                   y,         y_image,  ldy,       relu != 0, residual,  ksplit,
-                  ksplit ? kblocks : 1, std::max<int64_t>(1, parts), x_part, y_part};
+                  ksplit ? kblocks : 1, std::max<int64_t>(1, parts), x_part, y_part,
+                  in_order != 0};
   return dispatch<Gather>(R, p, threads);
 }
 
@@ -642,12 +655,12 @@ int benchlib_spmm_rows(const int32_t* rowptr, const int32_t* off, const float* v
                        int64_t x_image, int64_t images, float* y, int64_t y_image, int relu,
                        int threads) {
   const Problem p{rowptr, off, val, bias, block_rows, x, x_image, images, 1, 1, 1, 1, y,
-                  y_image, 1,  relu != 0, nullptr, nullptr, 1, 1, 0, 0};
+                  y_image, 1,  relu != 0, nullptr, nullptr, 1, 1, 0, 0, false};
   return dispatch<Rows>(R, p, threads);
 }
 
 // The two functions above with their arguments packed in one array, in the same order (see
-// packed_ptr): Python's ctypes converts one argument per call instead of 13 or 24, about
+// packed_ptr): Python's ctypes converts one argument per call instead of 13 or 25, about
 // 0.3-0.5 us each.
 int benchlib_spmm_gather_packed(const int64_t* a) {
   return benchlib_spmm_gather(packed_ptr<const int32_t>(a, 0), packed_ptr<const int32_t>(a, 1),
@@ -656,7 +669,7 @@ int benchlib_spmm_gather_packed(const int64_t* a) {
                               a[11], packed_ptr<float>(a, 12), a[13], a[14],
                               static_cast<int>(a[15]), packed_ptr<const float>(a, 16),
                               packed_ptr<const int32_t>(a, 17), a[18], static_cast<int>(a[19]),
-                              a[20], a[21], a[22], a[23]);
+                              a[20], a[21], a[22], a[23], a[24]);
 }
 
 int benchlib_spmm_rows_packed(const int64_t* a) {
