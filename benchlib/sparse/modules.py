@@ -25,6 +25,7 @@ argument passed per call (in-process A/B, 2 threads, AVX2 EPYC), ResNet-50 1.01-
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import warnings
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchlib.sparse.build import PackedCall
-from benchlib.sparse.direct import ALIGN, COPY_OUT, COPY_SOURCE, COPY_THREADS, ConvLayout
+from benchlib.sparse.direct import COPY_OUT, COPY_SOURCE, COPY_THREADS, ConvLayout
 from benchlib.sparse.native import (
     GATHER_OUT,
     GATHER_RELU,
@@ -47,20 +48,7 @@ from benchlib.sparse.native import (
     ColumnBlocks,
     Parts,
 )
-from benchlib.sparse.tiling import (
-    ALIGN_MIN_REUSE,
-    ALIGNED_ROWS_MAX_WIDENING,
-    aligned_copy_pays,
-    aligned_rows_pay,
-    column_block,
-    vector_floats,
-)
-
-IN_ORDER_PARTS = 2
-"""Parts of whole output rows a standalone strided kxk conv's product runs in, one per thread
-in order (``SparseConv2d._halves``): the two vCPUs of the machines measured."""
-IN_ORDER_MIN_ROWS = 4
-"""Output rows per part, at least (smaller outputs run as one part)."""
+from benchlib.sparse.tiling import aligned_rows, column_block, output_halves, plane_align
 
 BETA_WARNING = r"Sparse (CSR|CSC|BSR|BSC) tensor support is in beta state"
 """PyTorch warns once per process that its compressed sparse layouts are beta: that is a fact
@@ -445,34 +433,11 @@ class SparseConv2d(nn.Module):
                 self.stride,
                 self.dilation,
                 self.padding,
-                align=self._plane_align(),
-                row_align=vector_floats() if self._aligned_rows(width) else 1,
+                align=plane_align(self.kernel_size, self.stride, self.pointwise, self.reuse()),
+                row_align=aligned_rows(self.kernel_size, self.stride, self.padding, width),
             )
             cached = self._layouts[key] = (layout, layout.entry_offsets(kernel.col))
         return cached
-
-    def _aligned_rows(self, width: int) -> bool:
-        """Whether a copy of this conv's input starts each row of its phase images on a vector
-        boundary: a strided kxk conv (k > 1) on kernels whose unaligned loads cost about two
-        aligned ones (``tiling.aligned_rows_pay``), where that widens the rows by at most
-        ``ALIGNED_ROWS_MAX_WIDENING``."""
-        if self.kernel_size == (1, 1) or self.stride == (1, 1) or not aligned_rows_pay():
-            return False
-        left, right = self.padding[2], self.padding[3]
-        phase_w = -(-(width + left + right) // self.stride[1])
-        vector = vector_floats()
-        return -(-phase_w // vector) * vector <= phase_w * ALIGNED_ROWS_MAX_WIDENING
-
-    def _plane_align(self) -> int:
-        """The floats a copy of this conv's input rounds its planes up to: ``ALIGN`` for a
-        much-reused 1x1 input where aligned copies pay (``aligned_copy_pays``), else a vector
-        of the loaded kernels (``tiling.vector_floats``) for a 1x1 conv whose input is copied
-        anyway (strided or padded), else 1."""
-        if self.kernel_size != (1, 1):
-            return 1
-        if self.reuse() >= ALIGN_MIN_REUSE and aligned_copy_pays():
-            return ALIGN
-        return 1 if self.pointwise and self.stride == (1, 1) else vector_floats()
 
     def band_offsets(self, band: int) -> torch.Tensor:
         """The kernel's entry offsets where a 1x1 conv reads its input in bands of ``band``
@@ -516,34 +481,18 @@ class SparseConv2d(nn.Module):
             return None
         n, _, h, w = x.shape
         layout, offsets = self.layout(h, w)
-        halves = self._halves(layout)
+        ksplit = self.ksplit(h, w)
+        halves = output_halves(self.kernel_size, self.stride, layout, self.out_channels)
         product = None
         if halves is not None:
-            try:
+            with contextlib.suppress(ValueError):  # the last half would read past the source
                 product = kernel.gather_call(
-                    offsets,
-                    layout.floats,
-                    n,
-                    halves.source_step,
-                    layout.pitch,
-                    layout.out_w,
-                    bias,
-                    self.ksplit(h, w),
-                    parts=halves,
-                    in_order=True,
-                )
-            except ValueError:  # the last half's last row would read past the source
-                product = None
+                    offsets, layout.floats, n, halves.source_step, layout.pitch, layout.out_w,
+                    bias, ksplit, halves, in_order=True,
+                )  # fmt: skip
         if product is None:
             product = kernel.gather_call(
-                offsets,
-                layout.floats,
-                n,
-                layout.columns,
-                layout.pitch,
-                layout.out_w,
-                bias,
-                self.ksplit(h, w),
+                offsets, layout.floats, n, layout.columns, layout.pitch, layout.out_w, bias, ksplit
             )
         plan = GatherPlan(
             kernel=kernel,
@@ -558,41 +507,6 @@ class SparseConv2d(nn.Module):
         )
         self._plans[tuple(x.shape)] = plan
         return plan
-
-    def _halves(self, layout: ConvLayout) -> Parts | None:
-        """Where a strided kxk conv's product runs in ``IN_ORDER_PARTS`` parts of whole output
-        rows, one per thread in order (``gather_call``'s ``in_order``), the parts; else None
-        (a 1x1 or stride-1 conv, an input read in place, an output of too few or an uneven
-        number of rows).
-
-        Its input's layout copy runs just before, each thread writing half the channels; a
-        product that splits the block rows then has each thread read all of the copy, half of
-        it from the other core's cache, and one that claims tiles reads a random half. In
-        order, a thread reads about its half of the source's rows. Measured (AVX-512 Xeon, 2
-        threads, whole layers in turn, 12 x 30 calls each, alternating which goes first):
-        3x3/2 128 -> 128 @56x56 at density 0.1 0.855x the time (340 against 398 us), at 0.3
-        0.928x; 64 -> 64 @56x56 0.789x; 256 -> 256 @28x28 0.993x. The stride-1 3x3 convs
-        (their products claim tiles) ran 0.98-1.01x: not done. A copy whose threads split
-        each image's rows instead (to match the halves) took 90 us against 51 and ran the
-        layer slower."""
-        parts = IN_ORDER_PARTS
-        if (
-            self.kernel_size == (1, 1)
-            or self.stride == (1, 1)
-            or layout.in_place
-            or layout.out_h % parts
-            or layout.out_h < IN_ORDER_MIN_ROWS * parts
-        ):
-            return None
-        rows = layout.out_h // parts
-        plane = layout.out_h * layout.out_w
-        return Parts(
-            count=parts,
-            source_step=rows * layout.pitch,
-            out_step=rows * layout.out_w,
-            out_row=plane,
-            out_image=self.out_channels * plane,
-        )
 
     def _run(
         self, plan: GatherPlan, x: torch.Tensor, residual: torch.Tensor | None

@@ -1,9 +1,12 @@
-"""How a sparse conv's direct form lays out its work: aligned input planes and column blocks.
+"""How a sparse conv's direct form lays out its work: aligned input planes and rows, column
+blocks, and the parts a standalone strided conv's product runs in.
 
-``SparseConv2d`` asks ``aligned_copy_pays`` (with ``ALIGN_MIN_REUSE``) whether a much-reused 1x1
-input is worth copying into cache-line aligned planes, and ``column_block`` how many input
-channels one column block of the kernels should take. The constants carry the measurements
-they were chosen by.
+``SparseConv2d`` asks ``plane_align`` what a copy of its input rounds its planes up to (a
+much-reused 1x1 input copied into cache-line aligned planes where ``aligned_copy_pays``, with
+``ALIGN_MIN_REUSE``), ``aligned_rows`` what a strided kxk conv's phase rows round up to,
+``column_block`` how many input channels one column block of the kernels should take, and
+``output_halves`` whether a strided conv's product runs in halves of its output rows. The
+constants carry the measurements they were chosen by.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from benchlib.sparse.build import NativeLibrary, load_library
+from benchlib.sparse.direct import ALIGN
+from benchlib.sparse.native import Parts
 
 if TYPE_CHECKING:
     from benchlib.sparse.direct import ConvLayout
@@ -60,6 +65,21 @@ def aligned_copy_pays() -> bool:
     """True where the native kernels are built for an instruction set in ``ALIGN_ISAS``."""
     loaded = load_library()
     return isinstance(loaded, NativeLibrary) and loaded.isa in ALIGN_ISAS
+
+
+def plane_align(
+    kernel_size: tuple[int, int], stride: tuple[int, int], pointwise: bool, reuse: float
+) -> int:
+    """The floats a copy of a conv's input rounds its planes up to: ``ALIGN`` for a 1x1 conv
+    whose kernel reads each input value at least ``ALIGN_MIN_REUSE`` times (``reuse``) where
+    aligned copies pay (``aligned_copy_pays``), else a vector of the loaded kernels
+    (``vector_floats``) for a 1x1 conv whose input is copied anyway (strided or padded: not
+    ``pointwise``), else 1 (a kxk conv, or a 1x1 conv read in place)."""
+    if kernel_size != (1, 1):
+        return 1
+    if reuse >= ALIGN_MIN_REUSE and aligned_copy_pays():
+        return ALIGN
+    return 1 if pointwise and stride == (1, 1) else vector_floats()
 
 
 KSPLIT_MIN_ENTRIES = 12
@@ -163,3 +183,69 @@ def column_block(kernel: MatrixKernel, layout: ConvLayout, tile: int | None = No
     while width * taps * density < KSPLIT_MIN_ENTRIES and width < channels:
         width *= 2
     return None if width >= channels else width * taps
+
+
+def aligned_rows(
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int, int, int],
+    width: int,
+) -> int:
+    """The floats a strided kxk conv's phase rows round up to (``ConvLayout.of``'s
+    ``row_align``) for an input ``width`` pixels wide: a vector of the loaded kernels on an ISA
+    of ``ALIGNED_ROWS_ISAS`` where that widens them by at most ``ALIGNED_ROWS_MAX_WIDENING``;
+    else 1 (a 1x1 or stride-1 conv, another ISA, a wider rounding)."""
+    if kernel_size == (1, 1) or stride == (1, 1) or not aligned_rows_pay():
+        return 1
+    phase_w = -(-(width + padding[2] + padding[3]) // stride[1])
+    vector = vector_floats()
+    return vector if -(-phase_w // vector) * vector <= phase_w * ALIGNED_ROWS_MAX_WIDENING else 1
+
+
+IN_ORDER_PARTS = 2
+"""Parts of whole output rows a standalone strided kxk conv's product runs in, one per thread
+in order (``output_halves``): the two vCPUs of the machines measured."""
+IN_ORDER_MIN_ROWS = 4
+"""Output rows per part, at least (smaller outputs run as one part)."""
+
+
+def output_halves(
+    kernel_size: tuple[int, int], stride: tuple[int, int], layout: ConvLayout, out_channels: int
+) -> Parts | None:
+    """Where a standalone strided kxk conv's product (over ``layout``, ``out_channels``
+    outputs, NCHW) runs in ``IN_ORDER_PARTS`` parts of whole output rows, one per thread in
+    order (``gather_call``'s ``in_order``), the parts; else None (a 1x1 or stride-1 conv, an
+    input read in place, an output of too few or an uneven number of rows).
+
+    Its input's layout copy runs just before, each thread writing half the channels; a
+    product that splits the block rows then has each thread read all of the copy, half of it
+    from the other core's cache, and one that claims tiles reads a random half. In order, a
+    thread reads about its half of the source's rows. Measured (AVX-512 Xeon, 2 threads):
+    ``benchmarks/sparse_kernels.py``'s 3x3/2 128 -> 128 @56x56 at 90% took 0.34-0.39 ms in six
+    runs against 0.40-0.42 ms in five before. Two such layers in one process, called in turn
+    (12 x 30 calls each, alternating which goes first): 0.851-0.908x the time of the block
+    rows split in four runs (at density 0.3 0.906-0.928x; 64 -> 64 @56x56 0.789x; 256 -> 256
+    @28x28 0.993x), but 0.996-1.023x in six runs minutes later with the same plans, where the
+    row split itself ran faster (357-378 us against 398-425). The stride-1 3x3 convs (their
+    products claim tiles) ran 0.98-1.01x: not done. A copy whose threads split each image's
+    rows instead (to match the halves) took 90 us against 51 and ran the layer slower; the
+    same order for the strided convs inside a chain (7 parts, so 3 and 4 a thread) ran no
+    faster."""
+    parts = IN_ORDER_PARTS
+    if (
+        kernel_size == (1, 1)
+        or stride == (1, 1)
+        or layout.in_place
+        or layout.out_h % parts
+        or layout.out_h < IN_ORDER_MIN_ROWS * parts
+    ):
+        return None
+    rows = layout.out_h // parts
+    plane = layout.out_h * layout.out_w
+    return Parts(
+        count=parts,
+        source_step=rows * layout.pitch,
+        out_step=rows * layout.out_w,
+        out_row=plane,
+        out_image=out_channels * plane,
+    )
