@@ -54,17 +54,21 @@ ALIGNED_ROWS_MAX_WIDENING = 1.125
 factor (29 -> 32 floats: 1.10; 8 -> 16: 2)."""
 
 
+def _loaded_isa() -> str | None:
+    """The instruction set the native kernels were built for; None where they are not."""
+    loaded = load_library()
+    return loaded.isa if isinstance(loaded, NativeLibrary) else None
+
+
 def aligned_rows_pay() -> bool:
     """True where the native kernels are built for an instruction set in
     ``ALIGNED_ROWS_ISAS``."""
-    loaded = load_library()
-    return isinstance(loaded, NativeLibrary) and loaded.isa in ALIGNED_ROWS_ISAS
+    return _loaded_isa() in ALIGNED_ROWS_ISAS
 
 
 def aligned_copy_pays() -> bool:
     """True where the native kernels are built for an instruction set in ``ALIGN_ISAS``."""
-    loaded = load_library()
-    return isinstance(loaded, NativeLibrary) and loaded.isa in ALIGN_ISAS
+    return _loaded_isa() in ALIGN_ISAS
 
 
 def plane_align(
@@ -128,9 +132,7 @@ def vector_floats() -> int:
     0.985x the time; with the bands a tile wide as well (``tile_floats``) 0.864x, and 0.874x
     with the strided 1x1 convs' copies aligned to 16 too (in-process A/B on one converted
     model, 20 rounds of 8 calls each)."""
-    loaded = load_library()
-    isa = loaded.isa if isinstance(loaded, NativeLibrary) else "avx2"
-    return VECTOR_FLOATS.get(isa, 8)
+    return VECTOR_FLOATS.get(_loaded_isa() or "avx2", 8)
 
 
 def tile_floats() -> int:

@@ -437,26 +437,26 @@ void learn_weights(const Share* shares, int parts) {
 // reads all of X, so every extra claim reads it again: row chunks claimed guided measured
 // 0.98x end to end). Tiny products run on one thread. in_order: thread t takes the t-th of
 // equal runs of the tiles, in order (the caller makes them equal: one part per thread), so
-// that it reads only the rows of X its part needs (see SparseConv2d.gather_plan).
+// that it reads only the rows of X its part needs (see benchlib/sparse/tiling.py's
+// output_halves).
 template <int R>
 void run_gather(const Problem& p, int threads) {
   constexpr int64_t TW = max_nv<R>() * V::W;
   const int64_t units = p.images * p.parts * ((p.n + TW - 1) / TW);
   const int64_t work = (p.rowptr[p.block_rows] * R + p.block_rows) * p.n * p.images * p.parts;
   if (work < kMinParallelWork) threads = 1;
-  if (p.in_order && threads > 1) {
+  const bool in_order = p.in_order && threads > 1;
+  if (in_order || units >= kMinTilesPerThread * threads) {
     std::vector<std::vector<float>> buffers(static_cast<size_t>(threads));
-    parallel_rows(units, threads, [&](int64_t t, int64_t parts) {
-      block_rows<R>(p, 0, p.block_rows, units * t / parts, units * (t + 1) / parts,
-                    buffers[static_cast<size_t>(t)]);
-    });
-    return;
-  }
-  if (units >= kMinTilesPerThread * threads) {
-    std::vector<std::vector<float>> buffers(static_cast<size_t>(threads));
-    guided(units, threads, [&](int64_t t, int64_t u0, int64_t u1) {
+    const auto tiles = [&](int64_t t, int64_t u0, int64_t u1) {
       block_rows<R>(p, 0, p.block_rows, u0, u1, buffers[static_cast<size_t>(t)]);
-    });
+    };
+    if (in_order)
+      parallel_rows(units, threads, [&](int64_t t, int64_t parts) {
+        tiles(t, units * t / parts, units * (t + 1) / parts);
+      });
+    else
+      guided(units, threads, tiles);
     return;
   }
   double before[kMaxWeighted + 1] = {0.0};  // cumulative weights, the same for every thread
@@ -625,10 +625,10 @@ int benchlib_split_weights(const float* write, float* read, int n) {
 // < 1) holds per block of columns the block_rows + 1 entry bounds of its block rows, the
 // entries (off, val) ordered block-major: entry j of row i lies in block kb when
 // ksplit[kb * (block_rows + 1) + i] <= j < ksplit[kb * (block_rows + 1) + i + 1]; the blocks
-// run outer over each tile. parts (at least 1; 0 counts as 1) parts of n
-// columns per image, x_part and y_part floats apart, output rows out_pitch floats apart (0:
-// row_len) (see the top of this file). in_order != 0: the threads take equal runs of the
-// column tiles in order (see run_gather).
+// run outer over each tile. parts (at least 1; 0 counts as 1) parts of n columns per image,
+// x_part and y_part floats apart, output rows out_pitch floats apart (0: row_len) (see the
+// top of this file). in_order != 0: the threads take equal runs of the column tiles in order
+// (see run_gather).
 int benchlib_spmm_gather(const int32_t* rowptr, const int32_t* off, const float* val,
                          const float* bias, int64_t block_rows, int64_t R, const float* x,
                          int64_t x_image, int64_t images, int64_t n, int64_t pitch,
