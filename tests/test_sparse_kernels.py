@@ -1233,7 +1233,12 @@ def layout_of(channels: int, size: int, kernel: int, stride: int) -> ConvLayout:
     )
 
 
-def test_a_narrow_kxk_conv_runs_in_blocks_only_when_its_source_outgrows_l2() -> None:
+@pytest.mark.parametrize("one_block", [True, False])
+def test_a_narrow_kxk_conv_runs_in_one_block_where_its_source_fits_l2_on_such_an_isa(
+    monkeypatch: pytest.MonkeyPatch, one_block: bool
+) -> None:
+    isas = frozenset({load_library().isa}) if one_block else frozenset()
+    monkeypatch.setattr("benchlib.sparse.tiling.L2_ONE_BLOCK_ISAS", isas)
     torch.manual_seed(0)
     conv = nn.Conv2d(512, 32, 3, 2, 1).eval()  # ResNet-50's strided 3x3 at 14x14, fewer outputs
     sparsify_weight(conv, 0.9, 0, "none")
@@ -1244,7 +1249,10 @@ def test_a_narrow_kxk_conv_runs_in_blocks_only_when_its_source_outgrows_l2() -> 
     kernel: NativeSparseMatrix = sparse.kernel  # type: ignore[assignment]
     small = layout_of(512, 7, 3, 2)
     assert small.columns < 128 and small.floats <= L2_FLOATS
-    assert column_block(kernel, small) is None  # one tile, its source in L2: one block
+    if one_block:  # one tile, its source in L2: one block
+        assert column_block(kernel, small) is None
+    else:
+        assert column_block(kernel, small) == 32 * 9  # as any other: 32 channels' strips fit
     x = torch.randn(1, 512, 14, 14)
     with torch.no_grad():
         assert relative_error(sparse(x), conv(x)) <= EXACT

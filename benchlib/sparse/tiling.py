@@ -151,10 +151,17 @@ def strip_floats(layout: ConvLayout, tile: int) -> int:
 
 L2_FLOATS = 65536
 """A kxk conv over one narrow tile (under 128 columns) runs in one block while its whole
-source (one image) fits in this many floats, 256 KiB, half of Zen 3's L2: then the blocks'
-partial sums cost more than they save (3x3 512 -> 512 @7x7, 166 KiB, at 50%: above). Above
-it they pay: 3x3/2 512 -> 512 @14x14, whose four phase images take 512 KiB, ran 0.73-0.85x
-the time of one block with blocks of 32 channels at 70-90% sparsity (AVX2 EPYC, 2 threads)."""
+source (one image) fits in this many floats, 256 KiB, half of Zen 3's L2, where the kernels
+are built for an ISA of ``L2_ONE_BLOCK_ISAS``: then the blocks' partial sums cost more than
+they save (3x3 512 -> 512 @7x7, 166 KiB, at 50%: above). Above it they pay: 3x3/2 512 -> 512
+@14x14, whose four phase images take 512 KiB, ran 0.73-0.85x the time of one block with
+blocks of 32 channels at 70-90% sparsity (AVX2 EPYC, 2 threads)."""
+L2_ONE_BLOCK_ISAS = frozenset({"avx2", "generic"})
+"""The kernels' instruction sets whose narrow kxk convs keep one block while their source fits
+in ``L2_FLOATS``. Not AVX-512: on the AVX-512 Xeon (2 vCPUs, 48 KiB L1d) blocks of 32 channels
+ran 3x3 512 -> 512 @7x7 in 0.81x the time of one block at 50% sparsity, 0.75x at 70%, 0.68x at
+80%, 0.66x at 90% (424 -> 278 us), 0.72x at 95% and 0.98x at 99% (2 threads, the two plans in
+turn, 8 x 30 calls each, alternating which goes first)."""
 
 
 def column_block(kernel: MatrixKernel, layout: ConvLayout, tile: int | None = None) -> int | None:
@@ -162,7 +169,8 @@ def column_block(kernel: MatrixKernel, layout: ConvLayout, tile: int | None = No
     ``layout`` with column tiles of ``tile`` floats (``tile_floats()`` when None), or None where
     one block is best: the channels' strips fit ``STRIP_FLOATS`` already, one block would span
     every channel, a 1x1 conv is sparser than ``KSPLIT_MIN_DENSITY_1X1``, or a kxk conv has one
-    narrow tile and a source (one image) that fits in L2 (``L2_FLOATS``). Else the widest power
+    narrow tile and a source (one image) that fits in L2 (``L2_FLOATS``, with the kernels of
+    an ISA in ``L2_ONE_BLOCK_ISAS``). Else the widest power
     of two channels whose strips fit ``STRIP_FLOATS``, doubled while its rows hold fewer than
     ``KSPLIT_MIN_ENTRIES`` entries on average."""
     rows, cols = kernel.shape
@@ -173,7 +181,8 @@ def column_block(kernel: MatrixKernel, layout: ConvLayout, tile: int | None = No
     if col is None or not block_rows or not cols or not columns or cols % taps:
         return None
     channels = cols // taps
-    if taps > 1 and columns < 128 and layout.floats <= L2_FLOATS:  # one narrow tile, in L2
+    one_narrow_tile = taps > 1 and columns < 128
+    if one_narrow_tile and layout.floats <= L2_FLOATS and _loaded_isa() in L2_ONE_BLOCK_ISAS:
         return None
     strip = strip_floats(layout, tile_floats() if tile is None else tile)
     if channels * strip <= STRIP_FLOATS:
