@@ -35,16 +35,24 @@ from benchlib.sparse import (
     choose_kernel,
     conv_matrix,
     load_library,
+    native,
     sparsify,
 )
 from benchlib.sparse.bands import Bands, to_bands
 from benchlib.sparse.build import build, cache_dir, compiler
 from benchlib.sparse.direct import ALIGN
-from benchlib.sparse.native import GATHER_IN_ORDER, GATHER_PARTS, ColumnBlocks
+from benchlib.sparse.native import (
+    GATHER_IN_ORDER,
+    GATHER_PARTS,
+    GATHER_SHIFTS,
+    SHIFT_VECTOR,
+    ColumnBlocks,
+)
 from benchlib.sparse.tiling import (
     L2_FLOATS,
     STRIP_FLOATS,
     column_block,
+    shift_groups,
     strip_floats,
     vector_floats,
 )
@@ -988,8 +996,10 @@ def test_a_strided_kxk_conv_reads_vector_aligned_rows_where_that_widens_them_lit
     """Where the loaded kernels take aligned rows (AVX-512; here any ISA, patched), a strided
     3x3 conv's phase rows round up to a vector when that widens them by at most 1/8 (56x56:
     29 floats -> 32 on AVX-512), not where it would double them (14x14: 8 -> 16), and never
-    for a stride-1 or 1x1 conv; the conv equals the dense one either way."""
+    for a 1x1 conv or a stride-1 conv without shift groups; the conv equals the dense one
+    either way."""
     monkeypatch.setattr("benchlib.sparse.tiling.ALIGNED_ROWS_ISAS", frozenset({load_library().isa}))
+    monkeypatch.setattr("benchlib.sparse.tiling.SHIFT_GROUP_ISAS", frozenset())
     vector = vector_floats()
     cases = [  # in channels, kernel, stride, size: phase_w; the plain layout's is its own
         (8, 3, 2, 56, -(-29 // vector) * vector),
@@ -1050,6 +1060,113 @@ def test_a_strided_kxk_conv_runs_its_product_in_halves_of_output_rows_in_order(
             plan = sparse._plans[x.shape]
             parts, in_order = plan.product[GATHER_PARTS], plan.product[GATHER_IN_ORDER]
             assert (parts, in_order) == ((2, 1) if halves else (1, 0)), (size, stride)
+
+
+def test_shift_groups_are_a_stride_1_kxk_convs_kernel_width_up_to_four(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("benchlib.sparse.tiling.SHIFT_GROUP_ISAS", frozenset({load_library().isa}))
+    assert shift_groups((3, 3), (1, 1), (1, 1)) == 3
+    assert shift_groups((1, 3), (1, 1), (1, 1)) == 3
+    assert shift_groups((3, 4), (1, 1), (1, 1)) == 4
+    assert shift_groups((3, 5), (1, 1), (1, 1)) == 1  # five shifts: more than the kernels take
+    assert shift_groups((3, 1), (1, 1), (1, 1)) == 1  # one column: every tap aligned
+    assert shift_groups((1, 1), (1, 1), (1, 1)) == 1
+    assert shift_groups((3, 3), (2, 2), (1, 1)) == 1  # strided: measured slower
+    assert shift_groups((3, 3), (1, 1), (1, 2)) == 1  # dilated columns: shifts 0, 2 and 4
+    monkeypatch.setattr("benchlib.sparse.tiling.SHIFT_GROUP_ISAS", frozenset())
+    assert shift_groups((3, 3), (1, 1), (1, 1)) == 1
+
+
+@pytest.mark.parametrize("width", [None, 32])
+def test_by_shift_sorts_each_segments_entries_by_shift_and_keeps_them(
+    width: int | None,
+) -> None:
+    """Within each segment (a row, or a row's entries on one column block) the entries come
+    sorted by offset modulo a vector, the bounds name each shift's run, and the segment keeps
+    the same (offset, value) pairs."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 24, 3, 1, 1, bias=False).eval()
+    sparsify_weight(conv, 0.6, 0, "row")
+    kernel = NativeSparseMatrix(conv_matrix(conv.weight, 1))
+    kernel.isa = "avx512"  # the Python side runs anywhere
+    layout = ConvLayout.of(64, (14, 14), (3, 3), (1, 1), (1, 1), (1, 1, 1, 1))  # rows of 16
+    offsets = layout.entry_offsets(kernel.col)
+    ksplit = None if width is None else kernel.k_split(width)
+    values = kernel.values
+    if ksplit is not None:
+        offsets, values = offsets[ksplit.order.long()], values[ksplit.order.long()]
+        segments = ksplit.bounds[:, :-1].reshape(-1), ksplit.bounds[:, 1:].reshape(-1)
+    else:
+        segments = kernel.rowptr[:-1], kernel.rowptr[1:]
+    groups = kernel._by_shift(offsets, values, ksplit)
+    assert groups is not None and groups.shifts == 3
+    assert groups.bounds.shape == (segments[0].numel(), 4)
+    for index, (begin, end) in enumerate(zip(*segments, strict=True)):
+        bounds = groups.bounds[index].tolist()
+        assert bounds[0] == int(begin) and bounds[-1] == int(end)
+        for shift in range(3):
+            got = groups.offsets[bounds[shift] : bounds[shift + 1]]
+            assert bool((got % SHIFT_VECTOR == shift).all())
+        before = (offsets[begin:end].tolist(), values[begin:end].flatten().tolist())
+        after = (groups.offsets[begin:end].tolist(), groups.values[begin:end].flatten().tolist())
+        assert sorted(zip(*after, strict=True)) == sorted(zip(*before, strict=True))
+    assert kernel._by_shift(offsets - offsets % SHIFT_VECTOR, values, ksplit) is None  # aligned
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    channels=st.integers(1, 40),
+    outputs=st.integers(1, 20),
+    height=st.integers(3, 40),
+    width=st.integers(3, 40),
+    kernel=st.sampled_from([(3, 3), (1, 3), (3, 2), (2, 4)]),
+    density=st.sampled_from([0.0, 0.03, 0.2, 0.6, 1.0]),
+    images=st.integers(1, 2),
+    strip=st.sampled_from([STRIP_FLOATS, 64]),
+    threads=st.integers(1, 2),
+)
+@example(channels=64, outputs=16, height=56, width=56, kernel=(3, 3), density=0.1, images=1,
+         strip=STRIP_FLOATS, threads=2)  # fmt: skip
+def test_a_stride_1_conv_in_shift_groups_equals_the_dense_conv(
+    channels: int,
+    outputs: int,
+    height: int,
+    width: int,
+    kernel: tuple[int, int],
+    density: float,
+    images: int,
+    strip: int,
+    threads: int,
+) -> None:
+    """With its rows aligned wherever possible (any widening, patched) and shift groups on
+    for the loaded ISA, a stride-1 conv of any size, sparsity (empty rows included) and column
+    blocks (small strips: many blocks) equals the dense conv, with and without a ReLU; its
+    product runs in shift groups where the kernels have them."""
+    isa = frozenset({load_library().isa})
+    with (
+        mock.patch("benchlib.sparse.tiling.SHIFT_GROUP_ISAS", isa),
+        mock.patch("benchlib.sparse.tiling.ALIGNED_ROWS_ISAS", isa),
+        mock.patch("benchlib.sparse.tiling.ALIGNED_ROWS_MAX_WIDENING", 64.0),
+        mock.patch("benchlib.sparse.tiling.STRIP_FLOATS", strip),
+        torch_threads(threads),
+    ):
+        torch.manual_seed(channels * 41 + height)
+        padding = (kernel[0] // 2, kernel[1] // 2)
+        conv = nn.Conv2d(channels, outputs, kernel, 1, padding).eval()
+        sparsify_weight(conv, 1.0 - density, channels, "row" if density > 0.5 else "none")
+        sparse = SparseConv2d.from_dense(conv, NativeSparseMatrix)
+        x = torch.randn(images, channels, height, width)
+        with torch.no_grad():
+            assert relative_error(sparse(x), conv(x)) <= EXACT
+            sparse.relu = True
+            assert relative_error(sparse(x), conv(x).relu()) <= EXACT
+        layout, offsets = sparse.layout(height, width)
+        assert layout.phase_w % vector_floats() == 0
+        widest = int((offsets % SHIFT_VECTOR).max()) + 1 if offsets.numel() else 0
+        expected = widest if load_library().isa in native.SHIFT_GROUP_ISAS else 0
+        assert sparse._plans[x.shape].product[GATHER_SHIFTS] == (expected if expected > 1 else 0)
+        assert widest <= kernel[1] or vector_floats() != SHIFT_VECTOR  # AVX2: rows of 8
 
 
 def test_the_stride_2_copy_is_exact_for_every_row_length() -> None:

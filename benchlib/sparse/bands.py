@@ -190,9 +190,11 @@ def banded_product(
         out_image=out_image,
     )
     columns = (out.rows - 1) * layout.pitch + wo
+    shifts = layer.shift_groups(h, w) > 1
     return kernel.gather_call(
-        offsets, layout.floats, n, columns, pitch, wo, layer.bias, ksplit, parts
-    )
+        offsets, layout.floats, n, columns, pitch, wo, layer.bias, ksplit, parts,
+        shift_groups=shifts,
+    )  # fmt: skip
 
 
 def _in_place_reads(

@@ -48,7 +48,14 @@ from benchlib.sparse.native import (
     ColumnBlocks,
     Parts,
 )
-from benchlib.sparse.tiling import aligned_rows, column_block, output_halves, plane_align
+from benchlib.sparse.tiling import (
+    aligned_rows,
+    column_block,
+    output_halves,
+    plane_align,
+    shift_groups,
+    vector_floats,
+)
 
 BETA_WARNING = r"Sparse (CSR|CSC|BSR|BSC) tensor support is in beta state"
 """PyTorch warns once per process that its compressed sparse layouts are beta: that is a fact
@@ -184,10 +191,12 @@ class GatherKernel(Protocol):
         ksplit: ColumnBlocks | None = None,
         parts: Parts | None = None,
         in_order: bool = False,
+        shift_groups: bool = False,
     ) -> PackedCall:
         """``gather`` for one geometry, its constant operands bound and checked once; with
         ``parts``, each image's columns in parts (``native.Parts``); ``in_order``: the threads
-        take equal runs of the column tiles in order."""
+        take equal runs of the column tiles in order; ``shift_groups``: the entries run by
+        shift (offset modulo a vector) where the kernel can (``native.ShiftGroups``)."""
         ...
 
     def linear(
@@ -434,7 +443,9 @@ class SparseConv2d(nn.Module):
                 self.dilation,
                 self.padding,
                 align=plane_align(self.kernel_size, self.stride, self.pointwise, self.reuse()),
-                row_align=aligned_rows(self.kernel_size, self.stride, self.padding, width),
+                row_align=aligned_rows(
+                    self.kernel_size, self.stride, self.padding, width, self.dilation
+                ),
             )
             cached = self._layouts[key] = (layout, layout.entry_offsets(kernel.col))
         return cached
@@ -457,9 +468,21 @@ class SparseConv2d(nn.Module):
         if key not in self._ksplits:
             layout, _ = self.layout(height, width)
             kernel: GatherKernel = self.kernel  # type: ignore[assignment]
-            block = column_block(kernel, layout) if self.groups == 1 else None
+            groups = self.shift_groups(height, width)
+            block = column_block(kernel, layout, groups=groups) if self.groups == 1 else None
             self._ksplits[key] = None if block is None else kernel.k_split(block)
         return self._ksplits[key]
+
+    def shift_groups(self, height: int, width: int) -> int:
+        """The shift groups the product runs its entries in on an input of (height, width)
+        pixels (``gather_call``'s ``shift_groups``; ``tiling.shift_groups``), where its
+        layout's rows and planes are a whole number of vectors; else 1."""
+        groups = shift_groups(self.kernel_size, self.stride, self.dilation)
+        if groups == 1:
+            return 1
+        layout, _ = self.layout(height, width)
+        vector = vector_floats()
+        return groups if not (layout.phase_w % vector or layout.plane % vector) else 1
 
     def gather_plan(self, x: torch.Tensor) -> GatherPlan | None:
         """The native calls for ``x``'s shape (built on its first call, rebuilt when the kernel
@@ -483,17 +506,19 @@ class SparseConv2d(nn.Module):
         layout, offsets = self.layout(h, w)
         ksplit = self.ksplit(h, w)
         halves = output_halves(self.kernel_size, self.stride, layout, self.out_channels)
+        shifts = self.shift_groups(h, w) > 1
         product = None
         if halves is not None:
             with contextlib.suppress(ValueError):  # the last half would read past the source
                 product = kernel.gather_call(
                     offsets, layout.floats, n, halves.source_step, layout.pitch, layout.out_w,
-                    bias, ksplit, halves, in_order=True,
+                    bias, ksplit, halves, in_order=True, shift_groups=shifts,
                 )  # fmt: skip
         if product is None:
             product = kernel.gather_call(
-                offsets, layout.floats, n, layout.columns, layout.pitch, layout.out_w, bias, ksplit
-            )
+                offsets, layout.floats, n, layout.columns, layout.pitch, layout.out_w, bias,
+                ksplit, shift_groups=shifts,
+            )  # fmt: skip
         plan = GatherPlan(
             kernel=kernel,
             values=kernel.values,

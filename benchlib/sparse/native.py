@@ -46,9 +46,9 @@ GATHER_OUT = 12
 GATHER_RELU = 15
 GATHER_RESIDUAL = 16
 GATHER_THREADS = 19
-GATHER_PARTS, GATHER_IN_ORDER = 20, 24
-"""Arguments of a ``gather_call`` fixed when it is built: the parts per image and whether the
-threads take the column tiles in order."""
+GATHER_PARTS, GATHER_IN_ORDER, GATHER_SHIFTS = 20, 24, 26
+"""Arguments of a ``gather_call`` fixed when it is built: the parts per image, whether the
+threads take the column tiles in order, and the shift groups (0: none)."""
 _ROWS_X, _ROWS_BIAS, _ROWS_Y, _ROWS_RELU, _ROWS_THREADS = 6, 3, 9, 11, 12
 
 
@@ -95,6 +95,30 @@ def library() -> NativeLibrary:
     if isinstance(loaded, NativeUnavailable):
         raise RuntimeError(f"benchlib's native sparse kernels are unavailable: {loaded.reason}")
     return loaded
+
+
+SHIFT_GROUP_ISAS = frozenset({"avx512"})
+"""The kernels' instruction sets with the shift-group tiles (``spmm.cpp``'s tile_shifted):
+those whose vector is a cache line (``tiling.shift_groups`` says where they run)."""
+SHIFT_VECTOR = 16
+"""Floats per vector of those ISAs: an entry's shift is its offset modulo this."""
+MAX_SHIFT_GROUPS = 4
+"""Shift groups the kernels take per segment, at most (shifts 0-3)."""
+
+
+@dataclass(frozen=True, eq=False)
+class ShiftGroups:
+    """A conv's entries sorted by shift (offset modulo ``SHIFT_VECTOR``) within each segment
+    (a block row's entries on one column block), for ``gather_call``'s ``shift_groups``: the
+    kernels then load every entry's columns from the aligned address below it and shift the
+    sums once per tile and group (``spmm.cpp``'s tile_shifted)."""
+
+    shifts: int
+    bounds: torch.Tensor
+    """int32 (segments, shifts + 1): segment s's entries of shift g are ``[bounds[s, g],
+    bounds[s, g + 1])``."""
+    offsets: torch.Tensor
+    values: torch.Tensor
 
 
 class NativeSparseMatrix(nn.Module):
@@ -282,7 +306,7 @@ class NativeSparseMatrix(nn.Module):
             None if residual is None else residual.data_ptr(),
             None if ksplit is None else ksplit.bounds.data_ptr(),
             0 if ksplit is None else ksplit.blocks,
-            torch.get_num_threads(), 1, 0, 0, 0, 0,
+            torch.get_num_threads(), 1, 0, 0, 0, 0, None, 0,
         )  # fmt: skip
         if status:
             raise ValueError(f"the native kernel refused its operands (status {status})")
@@ -300,6 +324,7 @@ class NativeSparseMatrix(nn.Module):
         ksplit: ColumnBlocks | None = None,
         parts: Parts | None = None,
         in_order: bool = False,
+        shift_groups: bool = False,
     ) -> PackedCall:
         """``gather`` for one geometry as a ``PackedCall``, its operands checked once (as
         ``gather`` checks them): per call the caller sets ``GATHER_SOURCE`` and ``GATHER_OUT``
@@ -328,6 +353,11 @@ class NativeSparseMatrix(nn.Module):
         if ksplit is not None:
             self._check_ksplit(ksplit)
             offsets, values = self._block_major(offsets, ksplit)
+        groups = None
+        if shift_groups:
+            groups = self._by_shift(offsets, values, ksplit)
+            if groups is not None:
+                offsets, values = groups.offsets, groups.values
         if parts is None:
             parts = Parts(1, 0, 0, plane, self.shape[0] * plane)
         args = (
@@ -338,8 +368,10 @@ class NativeSparseMatrix(nn.Module):
             None if ksplit is None else ksplit.bounds.data_ptr(),
             0 if ksplit is None else ksplit.blocks, 1, parts.count, parts.source_step,
             parts.out_step, parts.out_pitch, int(in_order),
+            None if groups is None else groups.bounds.data_ptr(),
+            0 if groups is None else groups.shifts,
         )  # fmt: skip
-        keep = (self.rowptr, offsets, values, bias, ksplit)
+        keep = (self.rowptr, offsets, values, bias, ksplit, groups)
         return PackedCall(library().gather_packed, args, keep)
 
     def _check_parts(
@@ -412,6 +444,37 @@ class NativeSparseMatrix(nn.Module):
             cached = (values, version, values[ksplit.order].contiguous())
             self._block_values[ksplit.width] = cached
         return offsets[ksplit.order].contiguous(), cached[2]
+
+    def _by_shift(
+        self, offsets: torch.Tensor, values: torch.Tensor, ksplit: ColumnBlocks | None
+    ) -> ShiftGroups | None:
+        """The entries (``offsets`` and ``values`` in the kernels' order: block-major with
+        ``ksplit``) sorted by shift within each segment, or None where shift groups do not
+        apply: kernels not built for an ISA in ``SHIFT_GROUP_ISAS``, blocks of rows, an entry
+        shift of ``MAX_SHIFT_GROUPS`` or more, or every shift 0 (see ``ShiftGroups``)."""
+        if self.isa not in SHIFT_GROUP_ISAS or self.rows_per_block != 1 or not offsets.numel():
+            return None
+        shift = offsets.long() % SHIFT_VECTOR
+        shifts = int(shift.max()) + 1
+        if shifts < 2 or shifts > MAX_SHIFT_GROUPS:
+            return None
+        if ksplit is None:
+            counts = (self.rowptr[1:] - self.rowptr[:-1]).long()
+        else:
+            counts = (ksplit.bounds[:, 1:] - ksplit.bounds[:, :-1]).long().reshape(-1)
+        segment = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+        key = segment * shifts + shift
+        order = torch.argsort(key, stable=True)
+        per_group = torch.zeros(counts.numel() * shifts, dtype=torch.int64)
+        per_group.index_add_(0, key, torch.ones_like(key))
+        starts = torch.cat([per_group.new_zeros(1), per_group.cumsum(0)])
+        take = torch.arange(counts.numel()).unsqueeze(1) * shifts + torch.arange(shifts + 1)
+        return ShiftGroups(
+            shifts=shifts,
+            bounds=starts[take].to(torch.int32).contiguous(),
+            offsets=offsets[order].contiguous(),
+            values=values[order].contiguous(),
+        )
 
     def k_split(self, block_columns: int) -> ColumnBlocks:
         """The matrix's columns in blocks of ``block_columns`` for ``gather``'s ``ksplit``

@@ -109,6 +109,8 @@ struct Problem {
   int64_t x_part;  // floats between parts of X
   int64_t y_part;  // floats between parts of Y (and of the residual)
   bool in_order;   // threads take equal runs of the column tiles, in order (see run_gather)
+  const int32_t* groups;  // null, or per segment its shift groups' shifts + 1 bounds (below)
+  int64_t shifts;         // shift groups per segment (1-4)
 };
 
 // The vectors of a tile: vector v starts at column v * W. With a tail (a tile of cols not a
@@ -274,6 +276,105 @@ void tile_rows(const Problem& p, int64_t i0, int64_t i1, const float* x, float* 
   }
 }
 
+#if defined(__AVX512F__)
+// Shift groups (AVX-512, R = 1, the scatter form; optional): a kxk conv whose source rows are
+// vector-aligned reads each entry at an offset off = a + s with a a multiple of 16 floats and
+// s < 16 the entry's column tap (0-2 for a 3x3 conv; 0-1 in a 3x3/2 conv's phase images), so
+// that a tile's loads at x + off straddle two cache lines for every s > 0. Within each segment
+// (one block row's entries on one column block: kb * block_rows + i) the entries come sorted
+// by s, groups[seg * (shifts + 1) + g] the first entry of shift g (the last bound the
+// segment's end). Shift 0 accumulates as usual; shift s into its own vectors over the columns
+// [0, cols + s) of the aligned base x + a, loaded aligned, which the tile's vectors then take
+// shifted by s lanes (valignd: one per vector and group, against two loads an entry).
+
+inline __mmask16 lanes(int64_t n) {  // the first n lanes, n clamped to [0, 16]
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF)
+                 : n <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << n) - 1u);
+}
+
+// The entries [j0, j1) of shift SH, added into the NV vectors of acc (a tile of cols columns,
+// cols > 16 * (NV - 1)). Loads past the column range are masked off (they may lie past the
+// source's end).
+template <int NV, int SH>
+inline void add_shift_group(const int32_t* off, const float* val, int64_t j0, int64_t j1,
+                            const float* x, int64_t cols, __m512 (&acc)[NV]) {
+  constexpr int G = NV + (SH > 0 ? 1 : 0);  // vectors over [0, cols + SH)
+  const __mmask16 m2 = lanes(cols + SH - 16 * (G - 2)), m1 = lanes(cols + SH - 16 * (G - 1));
+  __m512 g[G];
+  if (SH == 0) {
+#pragma GCC unroll 9
+    for (int v = 0; v < G; ++v) g[v] = acc[v < NV ? v : 0];
+  } else {
+#pragma GCC unroll 9
+    for (int v = 0; v < G; ++v) g[v] = _mm512_setzero_ps();
+  }
+  for (int64_t j = j0; j < j1; ++j) {
+    const float* xp = x + off[j] - SH;
+    const __m512 w = _mm512_set1_ps(val[j]);
+#pragma GCC unroll 9
+    for (int v = 0; v < G; ++v) {
+      __m512 xv;
+      if (v < G - 2)
+        xv = _mm512_loadu_ps(xp + 16 * v);
+      else
+        xv = _mm512_maskz_loadu_ps(v == G - 1 ? m1 : m2, xp + 16 * v);
+      g[v] = _mm512_fmadd_ps(w, xv, g[v]);
+    }
+  }
+  if (SH == 0) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[v] = g[v];
+  } else {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v)
+      acc[v] = _mm512_add_ps(acc[v], _mm512_castsi512_ps(_mm512_alignr_epi32(
+                                         _mm512_castps_si512(g[v + 1]),
+                                         _mm512_castps_si512(g[v]), SH)));
+  }
+}
+
+// One segment's entries, by shift group (bounds: its shifts + 1 group bounds), into the NV
+// vectors of out (tmp rows, full vectors). ACC: start from out (a later column block).
+template <int NV, bool ACC>
+inline void tile_shifted(const Problem& p, const int32_t* bounds, const float* x, int64_t cols,
+                         const float* bias, float* out, bool relu) {
+  __m512 acc[NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v)
+    acc[v] = ACC ? _mm512_loadu_ps(out + 16 * v) : _mm512_set1_ps(bias ? *bias : 0.0f);
+  add_shift_group<NV, 0>(p.off, p.val, bounds[0], bounds[1], x, cols, acc);
+  if (p.shifts > 1) add_shift_group<NV, 1>(p.off, p.val, bounds[1], bounds[2], x, cols, acc);
+  if (p.shifts > 2) add_shift_group<NV, 2>(p.off, p.val, bounds[2], bounds[3], x, cols, acc);
+  if (p.shifts > 3) add_shift_group<NV, 3>(p.off, p.val, bounds[3], bounds[4], x, cols, acc);
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) _mm512_storeu_ps(out + 16 * v, relu ? V::relu(acc[v]) : acc[v]);
+}
+
+// tile_rows for shift groups (R = 1, the scatter form): the column blocks outer as there.
+template <int NV>
+void tile_rows_shifted(const Problem& p, int64_t i0, int64_t i1, const float* x, float* y,
+                       const float*, int64_t q0, int64_t cols, const Tail&, float* tmp,
+                       int64_t tw) {
+  const int64_t stride = p.shifts + 1, last = p.kblocks - 1;
+  for (int64_t kb = 0; kb < p.kblocks; ++kb) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int32_t* bounds = p.groups + (kb * p.block_rows + i) * stride;
+      float* o = tmp + (p.ksplit ? (i - i0) * tw : 0);
+      const bool relu = p.relu && kb == last;
+      if (kb == 0)
+        tile_shifted<NV, false>(p, bounds, x + q0, cols, p.bias ? p.bias + i : nullptr, o, relu);
+      else
+        tile_shifted<NV, true>(p, bounds, x + q0, cols, nullptr, o, relu);
+      if (!p.ksplit)
+        scatter(o, q0, cols, p.pitch, p.row_len, p.out_pitch, y + i * p.ldy);
+    }
+  }
+  if (p.ksplit)
+    for (int64_t i = i0; i < i1; ++i)
+      scatter(tmp + (i - i0) * tw, q0, cols, p.pitch, p.row_len, p.out_pitch, y + i * p.ldy);
+}
+#endif
+
 using TileFn = void (*)(const Problem&, int64_t, int64_t, const float*, float*, const float*,
                         int64_t, int64_t, const Tail&, float*, int64_t);
 
@@ -296,6 +397,29 @@ struct Table<R, 0> {
   static TileFn get(int, bool) { return nullptr; }
 };
 
+#if defined(__AVX512F__)
+template <int NV>
+struct ShiftedTable {
+  static TileFn get(int nv) {
+    return nv == NV ? &tile_rows_shifted<NV> : ShiftedTable<NV - 1>::get(nv);
+  }
+};
+template <>
+struct ShiftedTable<0> {
+  static TileFn get(int) { return nullptr; }
+};
+#endif
+
+// Whether a problem's tiles run by shift groups (see tile_shifted).
+inline bool shifted(const Problem& p, int R) {
+#if defined(__AVX512F__)
+  return R == 1 && p.groups && !direct_form(p);
+#else
+  (void)p, (void)R;
+  return false;
+#endif
+}
+
 // Block rows [i0, i1) over the column tiles [u0, u1) of all images' parts (unit u: part
 // u / tiles, counted over the images, tile u % tiles): tiles outer, rows inner, so a tile's
 // strip of X serves every row.
@@ -309,6 +433,7 @@ void block_rows(const Problem& p, int64_t i0, int64_t i1, int64_t u0, int64_t u1
   const int64_t tiles = (p.n + TW - 1) / TW;
   alignas(64) float small[R * kMaxTile];
   float* tmp = small;
+  const bool by_shift = shifted(p, R);
   if (p.ksplit && !direct_form(p)) {
     const size_t need = static_cast<size_t>((i1 - i0) * R * TW);
     if (rows_tmp.size() < need) rows_tmp.resize(need);
@@ -332,8 +457,14 @@ void block_rows(const Problem& p, int64_t i0, int64_t i1, int64_t u0, int64_t u1
     const Tail tail{V::mask(rest), cols - V::W};
     const int64_t y_at = b * p.y_image + at * p.y_part;
     const float* res = p.residual ? p.residual + y_at : nullptr;
-    Table<R, NVMAX>::get(nv, rest != V::W)(p, i0, i1, p.x + b * p.x_image + at * p.x_part,
-                                          p.y + y_at, res, q0, cols, tail, tmp, TW);
+    TileFn fn = nullptr;
+#if defined(__AVX512F__)
+    if (by_shift) fn = ShiftedTable<NVMAX>::get(nv);
+#else
+    (void)by_shift;
+#endif
+    if (!fn) fn = Table<R, NVMAX>::get(nv, rest != V::W);
+    fn(p, i0, i1, p.x + b * p.x_image + at * p.x_part, p.y + y_at, res, q0, cols, tail, tmp, TW);
   }
 }
 
@@ -628,14 +759,17 @@ int benchlib_split_weights(const float* write, float* read, int n) {
 // run outer over each tile. parts (at least 1; 0 counts as 1) parts of n columns per image,
 // x_part and y_part floats apart, output rows out_pitch floats apart (0: row_len) (see the
 // top of this file). in_order != 0: the threads take equal runs of the column tiles in order
-// (see run_gather).
+// (see run_gather). groups (null, or ignored unless 1 <= shifts <= 4): the entries sorted by
+// shift within each segment and the groups' bounds (see tile_shifted; AVX-512, R = 1, the
+// scatter form only: elsewhere the segments run as usual).
 int benchlib_spmm_gather(const int32_t* rowptr, const int32_t* off, const float* val,
                          const float* bias, int64_t block_rows, int64_t R, const float* x,
                          int64_t x_image, int64_t images, int64_t n, int64_t pitch,
                          int64_t row_len, float* y, int64_t y_image, int64_t ldy, int relu,
                          const float* residual, const int32_t* ksplit, int64_t kblocks,
                          int threads, int64_t parts, int64_t x_part, int64_t y_part,
-                         int64_t out_pitch, int64_t in_order) {
+                         int64_t out_pitch, int64_t in_order, const int32_t* groups,
+                         int64_t shifts) {
   if (out_pitch <= 0) out_pitch = row_len;
   // the residual is added in the direct form only
   if (residual && (pitch != row_len || out_pitch != row_len)) return 2;
@@ -644,7 +778,8 @@ int benchlib_spmm_gather(const int32_t* rowptr, const int32_t* off, const float*
                   x_image,   images,   n,         pitch,    row_len,    out_pitch,
                   y,         y_image,  ldy,       relu != 0, residual,  ksplit,
                   ksplit ? kblocks : 1, std::max<int64_t>(1, parts), x_part, y_part,
-                  in_order != 0};
+                  in_order != 0, shifts >= 1 && shifts <= 4 ? groups : nullptr,
+                  std::max<int64_t>(1, shifts)};
   return dispatch<Gather>(R, p, threads);
 }
 
@@ -655,7 +790,7 @@ int benchlib_spmm_rows(const int32_t* rowptr, const int32_t* off, const float* v
                        int64_t x_image, int64_t images, float* y, int64_t y_image, int relu,
                        int threads) {
   const Problem p{rowptr, off, val, bias, block_rows, x, x_image, images, 1, 1, 1, 1, y,
-                  y_image, 1,  relu != 0, nullptr, nullptr, 1, 1, 0, 0, false};
+                  y_image, 1,  relu != 0, nullptr, nullptr, 1, 1, 0, 0, false, nullptr, 1};
   return dispatch<Rows>(R, p, threads);
 }
 
@@ -669,7 +804,8 @@ int benchlib_spmm_gather_packed(const int64_t* a) {
                               a[11], packed_ptr<float>(a, 12), a[13], a[14],
                               static_cast<int>(a[15]), packed_ptr<const float>(a, 16),
                               packed_ptr<const int32_t>(a, 17), a[18], static_cast<int>(a[19]),
-                              a[20], a[21], a[22], a[23], a[24]);
+                              a[20], a[21], a[22], a[23], a[24],
+                              packed_ptr<const int32_t>(a, 25), a[26]);
 }
 
 int benchlib_spmm_rows_packed(const int64_t* a) {
