@@ -53,6 +53,7 @@ from benchlib.sparse.tiling import (
     STRIP_FLOATS,
     column_block,
     shift_groups,
+    strip_budget,
     strip_floats,
     vector_floats,
 )
@@ -1149,6 +1150,7 @@ def test_a_stride_1_conv_in_shift_groups_equals_the_dense_conv(
         mock.patch("benchlib.sparse.tiling.ALIGNED_ROWS_ISAS", isa),
         mock.patch("benchlib.sparse.tiling.ALIGNED_ROWS_MAX_WIDENING", 64.0),
         mock.patch("benchlib.sparse.tiling.STRIP_FLOATS", strip),
+        mock.patch("benchlib.sparse.tiling.STRIP_FLOATS_BY_ISA", {}),
         torch_threads(threads),
     ):
         torch.manual_seed(channels * 41 + height)
@@ -1356,6 +1358,7 @@ def test_a_narrow_kxk_conv_runs_in_one_block_where_its_source_fits_l2_on_such_an
 ) -> None:
     isas = frozenset({load_library().isa}) if one_block else frozenset()
     monkeypatch.setattr("benchlib.sparse.tiling.L2_ONE_BLOCK_ISAS", isas)
+    monkeypatch.setattr("benchlib.sparse.tiling.STRIP_FLOATS_BY_ISA", {})
     torch.manual_seed(0)
     conv = nn.Conv2d(512, 32, 3, 2, 1).eval()  # ResNet-50's strided 3x3 at 14x14, fewer outputs
     sparsify_weight(conv, 0.9, 0, "none")
@@ -1369,10 +1372,18 @@ def test_a_narrow_kxk_conv_runs_in_one_block_where_its_source_fits_l2_on_such_an
     if one_block:  # one tile, its source in L2: one block
         assert column_block(kernel, small) is None
     else:
-        assert column_block(kernel, small) == 32 * 9  # as any other: 32 channels' strips fit
+        assert column_block(kernel, small) == 32 * 9  # as any other: 32 strips fit 4096 floats
     x = torch.randn(1, 512, 14, 14)
     with torch.no_grad():
         assert relative_error(sparse(x), conv(x)) <= EXACT
+
+
+def test_the_strip_budget_follows_the_loaded_isa(monkeypatch: pytest.MonkeyPatch) -> None:
+    isa = load_library().isa
+    monkeypatch.setattr("benchlib.sparse.tiling.STRIP_FLOATS_BY_ISA", {isa: 777})
+    assert strip_budget() == 777
+    monkeypatch.setattr("benchlib.sparse.tiling.STRIP_FLOATS_BY_ISA", {})
+    assert strip_budget() == STRIP_FLOATS
 
 
 def test_a_strip_holds_the_tile_and_the_rows_its_taps_reach_in_each_phase() -> None:
@@ -1399,10 +1410,18 @@ def test_a_strip_holds_the_tile_and_the_rows_its_taps_reach_in_each_phase() -> N
     ],
 )
 def test_column_blocks_fit_the_strip_budget_and_hold_enough_entries(
-    cin: int, size: int, kernel: int, stride: int, density: float, channels: int | None
+    monkeypatch: pytest.MonkeyPatch,
+    cin: int,
+    size: int,
+    kernel: int,
+    stride: int,
+    density: float,
+    channels: int | None,
 ) -> None:
-    """The widest power of two channels whose strips fit ``STRIP_FLOATS`` (AVX2's tile of 64
-    columns), doubled while a row holds fewer than ``KSPLIT_MIN_ENTRIES`` (12) entries."""
+    """The widest power of two channels whose strips fit ``STRIP_FLOATS`` (AVX2's budget and
+    tile of 64 columns), doubled while a row holds fewer than ``KSPLIT_MIN_ENTRIES`` (12)
+    entries."""
+    monkeypatch.setattr("benchlib.sparse.tiling.STRIP_FLOATS_BY_ISA", {})
     torch.manual_seed(0)
     conv = nn.Conv2d(cin, 64, kernel, stride, kernel // 2, bias=False)
     sparsify_weight(conv, 1 - density, 0, "none")

@@ -109,7 +109,24 @@ before it (strips estimated as ``kh`` rows of 128 columns for every ISA, within 
 of at least 24 entries; AVX2 EPYC, 2 threads, in-process A/B in ResNet-50 magnitude:0.9's
 chain): 3x3 256 -> 256 @14x14 0.89-0.96x the time per step, strided 1x1 256 -> 512 @56x56
 0.75x, 512 -> 1024 @28x28 0.86x, 1024 -> 512 @14x14 0.89x, 128 -> 512 @28x28 0.93-1.05x; end
-to end 0.970x (the steps' sum 0.977x)."""
+to end 0.970x (the steps' sum 0.977x). The budget of the ISAs not in ``STRIP_FLOATS_BY_ISA``
+(``strip_budget``)."""
+STRIP_FLOATS_BY_ISA = {"avx512": 8192}
+"""``STRIP_FLOATS`` for the kernels built for these ISAs. AVX-512: 32 KiB, two thirds of the
+AVX-512 Xeon's 48 KiB L1d. Measured there, ResNet-50 magnitude:0.9 end to end with its stride-1
+3x3 convs in shift groups (in-process A/B on one converted model, 20 rounds of 6 calls each;
+against 4096 floats): 8192 floats 0.952x the time, 12288 0.945x, 16384 0.990x, 32768 1.156x,
+one block everywhere 1.197x; 12288 against 8192 0.979x and 1.000x; 4096 against itself 1.004x.
+Blocks of at least 24 entries (``KSPLIT_MIN_ENTRIES``) instead of 12 read 0.958x against 4096
+floats, but 0.997x (18) with 8192."""
+
+
+def strip_budget() -> int:
+    """The strip budget of the loaded kernels' ISA (``STRIP_FLOATS_BY_ISA``, else
+    ``STRIP_FLOATS``)."""
+    return STRIP_FLOATS_BY_ISA.get(_loaded_isa() or "", STRIP_FLOATS)
+
+
 TILE_VECTORS = 8
 """Vectors per column tile of the R = 1 kernels (``BENCHLIB_NV1`` in ``csrc/spmm.cpp``)."""
 VECTOR_FLOATS = {"avx512": 16, "avx2": 8, "generic": 8}
@@ -169,11 +186,11 @@ def column_block(
 ) -> int | None:
     """The matrix columns per block (whole input channels) for a conv's direct form over
     ``layout`` with column tiles of ``tile`` floats (``tile_floats()`` when None), or None where
-    one block is best: the channels' strips fit ``STRIP_FLOATS`` already, one block would span
+    one block is best: the channels' strips fit ``strip_budget()`` already, one block would span
     every channel, a 1x1 conv is sparser than ``KSPLIT_MIN_DENSITY_1X1``, or a kxk conv has one
     narrow tile and a source (one image) that fits in L2 (``L2_FLOATS``, with the kernels of
     an ISA in ``L2_ONE_BLOCK_ISAS``). Else the widest power
-    of two channels whose strips fit ``STRIP_FLOATS``, doubled while its rows hold fewer than
+    of two channels whose strips fit that budget, doubled while its rows hold fewer than
     ``KSPLIT_MIN_ENTRIES`` entries on average per shift group (``groups``: see
     ``shift_groups``)."""
     rows, cols = kernel.shape
@@ -188,12 +205,13 @@ def column_block(
     if one_narrow_tile and layout.floats <= L2_FLOATS and _loaded_isa() in L2_ONE_BLOCK_ISAS:
         return None
     strip = strip_floats(layout, tile_floats() if tile is None else tile)
-    if channels * strip <= STRIP_FLOATS:
+    budget = strip_budget()
+    if channels * strip <= budget:
         return None
     density = int(col.numel()) / (block_rows * cols)
     if taps == 1 and density < KSPLIT_MIN_DENSITY_1X1:
         return None
-    width = max(1, 1 << max(0, (STRIP_FLOATS // strip).bit_length() - 1))  # channels
+    width = max(1, 1 << max(0, (budget // strip).bit_length() - 1))  # channels
     while width * taps * density < KSPLIT_MIN_ENTRIES * groups and width < channels:
         width *= 2
     return None if width >= channels else width * taps
