@@ -19,7 +19,9 @@ from benchlib.sparse.bands import (
     adds_residual,
     banded_product,
     bands_for,
+    copies_as_is,
     from_bands,
+    layer_calls,
     padded_product,
     padded_start,
     to_bands,
@@ -227,6 +229,41 @@ def test_a_banded_product_equals_the_layer(
         expected = layer(x, extra)
     got = run_banded(layer, x, source, out, extra, threads)
     assert relative_error(got, expected) <= EXACT
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_copy_that_would_write_the_input_as_it_is_held_is_left_out(
+    monkeypatch: pytest.MonkeyPatch, threads: int
+) -> None:
+    """A much-reused 1x1 conv copies its input into 64-byte aligned planes (patched on for
+    any ISA): at 14x14, planes of 208 floats. Held in one band of that stride, the input is
+    that copy already (``copies_as_is``): the chain's calls leave the copy out and the product
+    reads the bands (NaN between the planes: never read), equal to the layer. Other strides,
+    several bands, NCHW planes of 196 floats and a padded 3x3 conv keep their copy."""
+    monkeypatch.setattr("benchlib.sparse.tiling.ALIGN_ISAS", frozenset({load_library().isa}))
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 160, 1)  # 4608 weights of 32 inputs kept: each read 144 times
+    sparsify_weight(conv, 0.1, 0, "none")
+    layer = SparseConv2d.from_dense(conv, NativeSparseMatrix)
+    x = torch.randn(1, 32, 14, 14)
+    layout, _ = layer.layout(14, 14)
+    assert layout.plane == 208 and not layout.in_place
+    held = Bands(14, 208)
+    assert copies_as_is(layer, x.shape, held)
+    assert not copies_as_is(layer, x.shape, Bands(14, 224))
+    assert not copies_as_is(layer, x.shape, Bands(7, 208))
+    assert not copies_as_is(layer, x.shape, None)
+    assert not copies_as_is(sparse_conv(32, 8, 3, 1, 0), x.shape, held)
+    plan = layer.gather_plan(x)
+    assert plan is not None and plan.copy is not None
+    copy, product = layer_calls(layer, plan, tuple(x.shape), held, None)
+    assert copy is None
+    source, out = padded_with_nan(x, held), torch.full(plan.out_shape, float("nan"))
+    product[GATHER_SOURCE], product[GATHER_OUT] = source.data_ptr(), out.data_ptr()
+    product[GATHER_RELU], product[GATHER_RESIDUAL], product[GATHER_THREADS] = 0, 0, threads
+    assert product() == 0
+    with torch.inference_mode():
+        assert relative_error(out, layer(x)) <= EXACT
 
 
 @settings(max_examples=40, deadline=None)
