@@ -530,7 +530,14 @@ class Untraceable(nn.Module):
 
 @pytest.mark.parametrize(
     ("kernel", "stride", "padding", "dilation", "size"),
-    [(3, 2, 1, 1, (112, 112)), (2, 2, 0, 1, (7, 9)), (3, 1, 1, 2, (10, 11)), (4, 3, 2, 1, (13, 6))],
+    [
+        (3, 2, 1, 1, (112, 112)),
+        (3, 2, 1, 1, (5, 64)),  # 32 outputs a row: two whole vectors of the AVX-512 path
+        (3, 2, 0, 1, (4, 67)),  # 33: two vectors and one output on its own
+        (2, 2, 0, 1, (7, 9)),
+        (3, 1, 1, 2, (10, 11)),
+        (4, 3, 2, 1, (13, 6)),
+    ],
 )
 def test_native_max_pool_equals_torch_nan_included(
     kernel: int, stride: int, padding: int, dilation: int, size: tuple[int, int]
@@ -542,6 +549,7 @@ def test_native_max_pool_equals_torch_nan_included(
     assert native is not None
     x = torch.randn(2, 3, *size)
     x[0, 1, 2, 3] = float("nan")
+    x[1, 2, :, 5::7] = float("nan")  # NaNs at every column phase of the windows
     expected, actual = pool(x), native(x)
     assert actual.shape == expected.shape
     assert torch.equal(actual.isnan(), expected.isnan())
