@@ -23,7 +23,10 @@ model, each prepared by its target and checked against eager fp32. The targets r
 ``--block`` calls, round-robin, timing all but the first third of each block: ONNX Runtime's
 and OpenMP's worker threads spin for a while after a call (measured: with blocks of 5 calls
 less the first, cpu-sparse's p90 doubled), and per-call interleaving would bill that to the
-next target.
+next target. Each round's medians also give a paired ratio per round (the targets ran within
+about 1.5 s of each other): its range shows the machine's phases (on the shared 2-vCPU VM
+the two vCPUs at times run at about 2/3 speed for 5-30 s while one thread alone does not
+slow, and that costs the native kernels more than ONNX Runtime).
 
     python benchmarks/sparse_kernels.py [--threads 2] [--reps 12] [--layer-block 8]
         [--sparsities 0.5,0.7,0.8,0.9,0.95] [--layers all|NAME,...]
@@ -224,21 +227,33 @@ def end_to_end(rounds: int, block: int, spec: str = "magnitude:0.9") -> None:
           f"{prepare_s:.2f} s; nonzero MACs {variant.flops.nonzero_macs / 1e9:.2f} G of "
           f"{variant.flops.macs / 1e9:.2f} G")  # fmt: skip
     samples: dict[str, list[int]] = {name: [] for name in prepared}
+    per_round: dict[str, list[float]] = {name: [] for name in prepared}
     for _ in range(rounds):
         for name, (target, _) in prepared.items():
+            kept: list[int] = []
             for call in range(block):
                 begin = time.perf_counter_ns()
                 target.run()
                 if call >= max(1, block // 3):
-                    samples[name].append(time.perf_counter_ns() - begin)
+                    kept.append(time.perf_counter_ns() - begin)
+            samples[name].extend(kept)
+            per_round[name].append(statistics.median(kept))
     ms = {name: statistics.median(values) / 1e6 for name, values in samples.items()}
-    ours = ms[f"cpu-sparse ({spec})"]
+    mine = f"cpu-sparse ({spec})"
+    ours = ms[mine]
     for name, value in ms.items():
         ordered = sorted(samples[name])
         p10, p90 = ordered[len(ordered) // 10] / 1e6, ordered[9 * len(ordered) // 10] / 1e6
+        paired = sorted(a / b for a, b in zip(per_round[name], per_round[mine], strict=True))
+        middle = statistics.median(paired)
+        rounds_text = (
+            f" (per round {paired[0]:.2f}-{paired[-1]:.2f}x, median {middle:.2f}x)"
+            if name != mine
+            else ""
+        )
         print(
             f"{name:34} {value:8.2f} ms median (p10 {p10:.2f}, p90 {p90:.2f}; n={len(ordered)})"
-            f"  {value / ours:.2f}x cpu-sparse's"
+            f"  {value / ours:.2f}x cpu-sparse's{rounds_text}"
         )
     fusion = sparse.info["fusion"]
     print(f"cpu-sparse fusions: {fusion}")
