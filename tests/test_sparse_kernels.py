@@ -40,7 +40,7 @@ from benchlib.sparse import (
 )
 from benchlib.sparse.bands import Bands, to_bands
 from benchlib.sparse.build import build, cache_dir, compiler
-from benchlib.sparse.direct import ALIGN
+from benchlib.sparse.direct import ALIGN, COPY_OUT, COPY_SOURCE, COPY_THREADS, RowParts
 from benchlib.sparse.native import (
     GATHER_IN_ORDER,
     GATHER_PARTS,
@@ -941,14 +941,17 @@ def test_the_native_layout_copy_equals_the_torch_one(
     band_pick=st.integers(0, 8),
     pad=st.integers(0, 9),
     row_align=st.sampled_from([1, 1, 8, 16]),
+    row_parts=st.sampled_from([0, 0, 2, 3]),
 )
 # the last plane reads no input row while its rows have left padding (1 row, top padding 1,
 # stride 2): zeroing "the rows above and the first row's left padding" would overrun it
-@example(2, 1, 5, 1, 2, 1, (1, 0, 1, 0), 1, 1, 0, 0, 1)
-@example(3, 2, 7, 3, 3, 1, (5, 0, 4, 2), 16, 2, 0, 0, 1)
-@example(3, 12, 7, 3, 2, 1, (1, 1, 1, 1), 1, 2, 3, 0, 1)  # bands of 3 rows
-@example(3, 12, 7, 3, 2, 1, (1, 1, 1, 1), 8, 2, 3, 5, 1)  # their strips 26 floats apart
-@example(3, 12, 7, 3, 1, 1, (1, 1, 1, 1), 1, 2, 3, 0, 16)  # stride 1, rows of 16 floats
+@example(2, 1, 5, 1, 2, 1, (1, 0, 1, 0), 1, 1, 0, 0, 1, 0)
+@example(3, 2, 7, 3, 3, 1, (5, 0, 4, 2), 16, 2, 0, 0, 1, 0)
+@example(3, 12, 7, 3, 2, 1, (1, 1, 1, 1), 1, 2, 3, 0, 1, 0)  # bands of 3 rows
+@example(3, 12, 7, 3, 2, 1, (1, 1, 1, 1), 8, 2, 3, 5, 1, 0)  # their strips 26 floats apart
+@example(3, 12, 7, 3, 1, 1, (1, 1, 1, 1), 1, 2, 3, 0, 16, 0)  # stride 1, rows of 16 floats
+@example(3, 12, 7, 3, 2, 1, (1, 1, 1, 1), 1, 2, 3, 0, 1, 2)  # split by rows, from bands
+@example(2, 1, 5, 1, 2, 1, (1, 0, 1, 0), 1, 1, 0, 0, 1, 2)  # rows of no input, split
 def test_the_native_layout_copy_of_any_shape_writes_exactly_its_planes(
     channels: int,
     height: int,
@@ -962,12 +965,14 @@ def test_the_native_layout_copy_of_any_shape_writes_exactly_its_planes(
     band_pick: int,
     pad: int,
     row_align: int,
+    row_parts: int,
 ) -> None:
     """Every phase image, including those that read no input row (a padding wider than the
     input), with its rows aligned or not, equals the torch copy, and nothing past the last
     plane is written; from an NCHW input or one in bands of rows (``band_pick`` picks the rows
     among the height's divisors, 0: NCHW) whose channels' strips lie ``pad`` floats more apart
-    than their rows take (the floats between are NaN: never read)."""
+    than their rows take (the floats between are NaN: never read); split by channels or, with
+    ``row_parts``, by parts of the phase rows."""
     try:
         layout = ConvLayout.of(
             channels, (height, width), (kernel, kernel), (stride, stride),
@@ -985,18 +990,65 @@ def test_the_native_layout_copy_of_any_shape_writes_exactly_its_planes(
     if band:
         source = to_bands(x, Bands(band, strip))
         source[..., band * width :] = float("nan")
-    guarded = torch.full((2 * layout.floats + 64,), float("nan"))
+    split = RowParts.of(layout, row_parts) if row_parts and layout.out_h % row_parts == 0 else None
+    floats, plane = (layout.floats, layout.plane) if split is None else (split.floats, split.plane)
+    guarded = torch.full((2 * floats + 64,), float("nan"))
     library = load_library()
     assert not isinstance(library, NativeUnavailable)
     library.conv_layout(
         source.data_ptr(), 2, channels, height, width, layout._phase_table.data_ptr(),
         len(layout.phases), stride, stride, padding[0], padding[2], layout.phase_h,
-        layout.phase_w, layout.plane, guarded.data_ptr(), threads, band, strip,
+        layout.phase_w, plane, guarded.data_ptr(), threads, band, strip,
+        *((0, 0, 0) if split is None else (split.rows, split.count, split.span)),
     )  # fmt: skip
     with mock.patch("benchlib.sparse.direct.load_library", lambda: NativeUnavailable("test")):
         expected = layout.source(x)  # by torch ops
-    assert torch.equal(guarded[: 2 * layout.floats].reshape(2, -1), expected)
-    assert guarded[2 * layout.floats :].isnan().all()
+    if split is not None:
+        expected = _row_parts_of(expected, split)
+    assert torch.equal(guarded[: 2 * floats].reshape(2, -1), expected)
+    assert guarded[2 * floats :].isnan().all()
+
+
+def _row_parts_of(source: torch.Tensor, split: RowParts) -> torch.Tensor:
+    """The (images, floats) source of ``split`` from the whole layout's ``source``: each
+    part's ``span`` phase rows (zeros past the last), each plane zero-padded to its floats."""
+    layout = split.layout
+    images, phases, channels = source.shape[0], len(layout.phases), layout.channels
+    planes = source.reshape(images, phases, channels, layout.plane)
+    rows = planes[..., : layout.phase_h * layout.phase_w].reshape(
+        images, phases, channels, layout.phase_h, layout.phase_w
+    )
+    below = max(0, (split.count - 1) * split.rows + split.span - layout.phase_h)
+    rows = F.pad(rows, (0, 0, 0, below))
+    parts = torch.stack(
+        [rows[..., k * split.rows : k * split.rows + split.span, :] for k in range(split.count)], 1
+    ).reshape(images, split.count, phases, channels, -1)
+    return F.pad(parts, (0, split.plane - parts.shape[-1])).reshape(images, -1)
+
+
+def test_row_parts_split_the_copy_between_two_threads_and_match_the_whole_conv() -> None:
+    """A strided 3x3 conv large enough for two threads: its copy into two row parts equals
+    the whole layout's rows per part (the halo row in both), and the conv, whose product then
+    runs over the parts in order, equals the dense one."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 32, 3, 2, 1, bias=False).eval()
+    sparsify_weight(conv, 0.8, 0, "row")
+    sparse = SparseConv2d.from_dense(conv, NativeSparseMatrix)
+    x = torch.randn(1, 64, 28, 28)
+    layout, _ = sparse.layout(28, 28)
+    split = RowParts.of(layout, 2)
+    assert (split.rows, split.span) == (7, 8)
+    copy = split.copy_call(1)
+    out = torch.full((split.floats,), float("nan"))
+    copy[COPY_SOURCE], copy[COPY_OUT], copy[COPY_THREADS] = x.data_ptr(), out.data_ptr(), 2
+    copy()
+    with mock.patch("benchlib.sparse.direct.load_library", lambda: NativeUnavailable("test")):
+        expected = _row_parts_of(layout.source(x), split)
+    assert torch.equal(out.reshape(1, -1), expected)
+    with torch.no_grad():
+        assert relative_error(sparse(x), conv(x)) <= EXACT
+        plan = sparse.gather_plan(x)
+    assert plan is not None and plan.source_floats == split.floats
 
 
 def test_a_strided_kxk_conv_reads_vector_aligned_rows_where_that_widens_them_little(

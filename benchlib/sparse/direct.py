@@ -37,6 +37,12 @@ COPY_BAND, COPY_STRIDE = 16, 17
 """The arguments of a ``copy_call`` giving the source's rows per band and the floats from one
 channel's rows of a band to the next (``bands.py``); 0 and 0, as built, read an NCHW
 source."""
+
+COPY_PLANE = 13
+"""The argument of a ``copy_call`` giving the floats from one phase image to the next."""
+COPY_PART_ROWS, COPY_ROW_PARTS, COPY_PART_SPAN = 18, 19, 20
+"""The arguments of a ``copy_call`` that store its source in row parts (``RowParts``); 0, 0
+and 0, as built, store it whole."""
 ALIGN = 16
 """Floats per 64 bytes (a cache line, an AVX-512 vector)."""
 
@@ -142,11 +148,12 @@ class ConvLayout:
             and self.plane == self.height * self.width
         )
 
-    def column_offsets(self) -> torch.Tensor:
+    def column_offsets(self, plane: int | None = None) -> torch.Tensor:
         """int64 (channels * kh * kw,): where column ``c*kh*kw + r*kw + s`` of the conv matrix
-        (``conv_matrix``) starts reading, in floats from the start of an image."""
+        (``conv_matrix``) starts reading, in floats from the start of an image (of planes
+        ``plane`` floats apart; default this layout's)."""
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
-        plane = self.plane
+        plane = self.plane if plane is None else plane
         phase_base = {phase: i * self.channels * plane for i, phase in enumerate(self.phases)}
         window = torch.tensor(
             [phase_base[((r * dh) % sh, (s * dw) % sw)] + (r * dh // sh) * self.phase_w
@@ -181,7 +188,7 @@ class ConvLayout:
         args = (
             0, images, self.channels, self.height, self.width, phases.data_ptr(),
             len(self.phases), *self.stride, self.padding[0], self.padding[2], self.phase_h,
-            self.phase_w, self.plane, 0, 1, 0, 0,
+            self.phase_w, self.plane, 0, 1, 0, 0, 0, 0, 0,
         )  # fmt: skip
         return PackedCall(loaded.conv_layout_packed, args, (phases,))
 
@@ -226,3 +233,69 @@ class ConvLayout:
                 :, :, r0 : r0 + sh * (rows - 1) + 1 : sh, c0 : c0 + sw * (cols - 1) + 1 : sw
             ]
         return flat.reshape(batch, -1)
+
+
+@dataclass(frozen=True)
+class RowParts:
+    """A layout's source split into ``count`` parts of ``rows`` output rows each, stored apart:
+    part k holds, of every phase image, the ``span`` phase rows from row ``k * rows`` (the
+    rows its outputs read: its own and the halo below, which the next part holds too), as
+    (images, count, phases, channels, ``plane``) floats. A product run in order over the
+    parts (``gather_call``'s ``in_order``, one part a thread) then reads one contiguous run
+    that its own thread wrote (``benchlib_conv_layout``'s row parts). Construct with
+    ``RowParts.of``."""
+
+    layout: ConvLayout
+    count: int
+    rows: int
+    span: int
+    plane: int
+
+    @classmethod
+    def of(cls, layout: ConvLayout, count: int) -> RowParts:
+        """``layout`` in ``count`` parts. Raises ValueError unless its output rows split into
+        ``count`` equal parts."""
+        if count < 1 or layout.out_h % count:
+            raise ValueError(f"{layout.out_h} output rows do not split into {count} parts")
+        rows = layout.out_h // count
+        halo = (layout.kernel_size[0] - 1) * layout.dilation[0] // layout.stride[0]
+        span = rows + halo
+        plane = -(-span * layout.phase_w // ALIGN) * ALIGN
+        return cls(layout, count, rows, span, plane)
+
+    @property
+    def part_floats(self) -> int:
+        """Floats from one part of an image to the next."""
+        return len(self.layout.phases) * self.layout.channels * self.plane
+
+    @property
+    def floats(self) -> int:
+        """Floats per image of the source."""
+        return self.count * self.part_floats
+
+    @property
+    def columns(self) -> int:
+        """Columns computed per part: its output rows at ``pitch`` apart, the last one cut."""
+        return (self.rows - 1) * self.layout.phase_w + self.layout.out_w
+
+    def entry_offsets(self, entry_columns: torch.Tensor) -> torch.Tensor:
+        """int32 offsets within a part of the entries of a kernel whose entry ``e`` holds conv
+        matrix column ``entry_columns[e]``."""
+        offsets = self.layout.column_offsets(self.plane)[entry_columns.long()]
+        if offsets.numel() and int(offsets.max()) + self.columns > self.part_floats:
+            raise ValueError(
+                f"offset {int(offsets.max())} + {self.columns} columns leaves the "
+                f"{self.part_floats}-float part"
+            )
+        return offsets.to(torch.int32)
+
+    def copy_call(self, images: int) -> PackedCall:
+        """The native copy into this split as a ``PackedCall``, set per call as
+        ``ConvLayout.copy_call``'s (``COPY_SOURCE``, ``COPY_OUT``: (images, floats) fp32,
+        ``COPY_THREADS``). Raises RuntimeError where the native kernels are unavailable."""
+        call = self.layout.copy_call(images)
+        call[COPY_PLANE] = self.plane
+        call[COPY_PART_ROWS], call[COPY_ROW_PARTS], call[COPY_PART_SPAN] = (
+            self.rows, self.count, self.span,
+        )  # fmt: skip
+        return call

@@ -30,7 +30,7 @@ import math
 import threading
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchlib.sparse.build import PackedCall
-from benchlib.sparse.direct import COPY_OUT, COPY_SOURCE, COPY_THREADS, ConvLayout
+from benchlib.sparse.direct import COPY_OUT, COPY_SOURCE, COPY_THREADS, ConvLayout, RowParts
 from benchlib.sparse.native import (
     GATHER_OUT,
     GATHER_RELU,
@@ -508,12 +508,18 @@ class SparseConv2d(nn.Module):
         halves = output_halves(self.kernel_size, self.stride, layout, self.out_channels)
         shifts = self.shift_groups(h, w) > 1
         product = None
+        source_floats = layout.floats
+        copy = None if layout.in_place else layout.copy_call(n)
         if halves is not None:
-            with contextlib.suppress(ValueError):  # the last half would read past the source
+            with contextlib.suppress(ValueError):  # the last part would read past the source
+                split = RowParts.of(layout, halves.count)
                 product = kernel.gather_call(
-                    offsets, layout.floats, n, halves.source_step, layout.pitch, layout.out_w,
-                    bias, ksplit, halves, in_order=True, shift_groups=shifts,
+                    split.entry_offsets(kernel.col), split.floats, n, split.columns,
+                    layout.pitch, layout.out_w, bias, ksplit,
+                    replace(halves, source_step=split.part_floats), in_order=True,
+                    shift_groups=shifts,
                 )  # fmt: skip
+                source_floats, copy = split.floats, split.copy_call(n)
         if product is None:
             product = kernel.gather_call(
                 offsets, layout.floats, n, layout.columns, layout.pitch, layout.out_w, bias,
@@ -524,8 +530,8 @@ class SparseConv2d(nn.Module):
             values=kernel.values,
             bias=bias,
             out_shape=(n, self.out_channels, layout.out_h, layout.out_w),
-            source_floats=layout.floats,
-            copy=None if layout.in_place else layout.copy_call(n),
+            source_floats=source_floats,
+            copy=copy,
             product=product,
             fuses_residual=layout.pitch == layout.out_w,
             lock=threading.Lock(),

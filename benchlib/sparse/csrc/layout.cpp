@@ -126,6 +126,50 @@ void layout_range(const float* x, int64_t channels, int64_t height, int64_t widt
   }
 }
 
+// Part k of `count` of every (image, phase, channel) plane, stored apart (see
+// benchlib_conv_layout's row parts): its `span` phase rows from row k * part_rows, at
+// out + (((b * count + k) * phase_count + p) * channels + c) * plane, each row written whole
+// (its left padding, its input segment, its right padding; zeros for a row outside the
+// input or past phase_h), then zeros to the end of the plane.
+void layout_part(const float* x, int64_t images, int64_t channels, int64_t height,
+                 int64_t width, int64_t band, int64_t stride, const PhaseSpan* spans,
+                 int64_t phase_count, int64_t sh, int64_t sw, int64_t top, int64_t left,
+                 int64_t phase_h, int64_t phase_w, int64_t plane, float* out, int64_t k,
+                 int64_t count, int64_t part_rows, int64_t span) {
+  const int64_t band_floats = channels * stride;
+  const int64_t image_floats = (height / band) * band_floats;
+  const int64_t row0 = k * part_rows;
+  for (int64_t b = 0; b < images; ++b) {
+    for (int64_t c = 0; c < channels; ++c) {
+      const float* image = x + b * image_floats + c * stride;
+      for (int64_t p = 0; p < phase_count; ++p) {
+        const PhaseSpan& s = spans[p];
+        float* dst = out + (((b * count + k) * phase_count + p) * channels + c) * plane;
+        const int64_t n = s.j1 - s.j0;
+        // local rows [first, last) read the input; the rest are zeros
+        const int64_t first = std::min(span, std::max<int64_t>(0, s.i0 - row0));
+        const int64_t last = std::max(first, std::min(span, std::min(s.i1, phase_h) - row0));
+        zero_floats(dst, first * phase_w);
+        for (int64_t i = first; i < last; ++i) {
+          float* row = dst + i * phase_w;
+          const int64_t r = s.a + sh * (row0 + i) - top;  // the input row
+          const float* in = image + (r / band) * band_floats + (r % band) * width +
+                            (s.c0 + sw * s.j0 - left);
+          zero_floats(row, s.j0);
+          if (sw == 1)
+            copy_floats(row + s.j0, in, n);
+          else if (sw == 2)
+            copy_even(row + s.j0, in, n);
+          else
+            for (int64_t j = 0; j < n; ++j) row[s.j0 + j] = in[j * sw];
+          zero_floats(row + s.j0 + n, phase_w - s.j0 - n);
+        }
+        zero_floats(dst + last * phase_w, plane - last * phase_w);
+      }
+    }
+  }
+}
+
 // Max pooling of one (image, channel) plane, separably: the vertical max of each output row's
 // window rows (contiguous, vectorized) into `band`, then the horizontal max over `band`.
 // Out-of-image positions are skipped (padding never wins); a NaN wins, as in torch. With
@@ -240,11 +284,26 @@ int benchlib_max_pool2d(const float* x, int64_t planes, int64_t height, int64_t 
 // the start of its plane) of the contiguous input x (see layout_range): NCHW, or in bands of
 // `band` rows where 0 < band <= height (band must divide height), each channel's rows of a
 // band `stride` floats apart (0: band * width; else at least that); phases holds phase_count
-// (row, col) origins.
+// (row, col) origins. The threads split the planes.
+//
+// Row parts (part_rows > 0, row_parts > 0, 0 < part_span, part_span * phase_w <= plane): the
+// source of a product run in order over row_parts parts of part_rows output rows each
+// (spmm.cpp's in_order, parts part_floats = phase_count * channels * plane apart, per image
+// row_parts of them): part k holds the part_span phase rows from k * part_rows of every plane
+// (its rows and the halo the kernel reads below them, copied into both parts), as
+// (images, row_parts, phase_count, channels, plane), and thread t of `parts` writes parts
+// [row_parts * t / parts, row_parts * (t + 1) / parts). Each thread then reads back only what
+// it wrote, from one contiguous run: handed over by planes, half of the copy moves to the
+// other core. Measured on the Zen 4 EPYC VM, 2 threads, 3x3/2 256 -> 256 @28 at 90%, the copy
+// then the product: 409 us where the two vCPUs exchange a cache line in 50-120 ns and 1277
+// us where they take 350-400 ns (on different CCDs), against 48 + 234 us run apart; split by
+// rows within the planes instead, the copy alone took 157 / 706 us against 48 / 84 (the
+// threads' rows interleave a few lines apart).
 int benchlib_conv_layout(const float* x, int64_t images, int64_t channels, int64_t height,
                          int64_t width, const int32_t* phases, int64_t phase_count, int64_t sh,
                          int64_t sw, int64_t top, int64_t left, int64_t phase_h, int64_t phase_w,
-                         int64_t plane, float* out, int threads, int64_t band, int64_t stride) {
+                         int64_t plane, float* out, int threads, int64_t band, int64_t stride,
+                         int64_t part_rows, int64_t row_parts, int64_t part_span) {
   if (band <= 0 || band > height) band = height;
   if (stride < band * width) stride = band * width;
   const int64_t tasks = images * phase_count * channels;
@@ -253,6 +312,16 @@ int benchlib_conv_layout(const float* x, int64_t images, int64_t channels, int64
   for (int64_t p = 0; p < phase_count; ++p)
     spans.push_back(phase_span(phases[2 * p], phases[2 * p + 1], height, width, sh, sw, top,
                                left, phase_h, phase_w));
+  if (part_rows > 0 && row_parts > 0 && part_span > 0 && part_span * phase_w <= plane) {
+    parallel_rows(row_parts, work * row_parts < 32768 ? 1 : threads,
+                  [&](int64_t t, int64_t parts) {
+      for (int64_t k = row_parts * t / parts; k < row_parts * (t + 1) / parts; ++k)
+        layout_part(x, images, channels, height, width, band, stride, spans.data(),
+                    phase_count, sh, sw, top, left, phase_h, phase_w, plane, out, k, row_parts,
+                    part_rows, part_span);
+    });
+    return 0;
+  }
   parallel_rows(tasks, work < 32768 ? 1 : threads, [&](int64_t t, int64_t parts) {
     layout_range(x, channels, height, width, band, stride, spans.data(), phase_count, sh, sw,
                  top, left, phase_w, plane, out, tasks * t / parts, tasks * (t + 1) / parts);
@@ -266,7 +335,7 @@ int benchlib_conv_layout_packed(const int64_t* a) {
   return benchlib_conv_layout(packed_ptr<const float>(a, 0), a[1], a[2], a[3], a[4],
                               packed_ptr<const int32_t>(a, 5), a[6], a[7], a[8], a[9], a[10],
                               a[11], a[12], a[13], packed_ptr<float>(a, 14),
-                              static_cast<int>(a[15]), a[16], a[17]);
+                              static_cast<int>(a[15]), a[16], a[17], a[18], a[19], a[20]);
 }
 
 }  // extern "C"
