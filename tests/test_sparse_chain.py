@@ -353,3 +353,13 @@ def test_a_chain_refuses_arguments_that_are_not_earlier_layers() -> None:
         NativeChain([layer, layer], [(CHAIN_INPUT,), (1,)])
     with pytest.raises(ValueError, match="2 layers for 1 argument lists"):
         NativeChain([layer, layer], [(CHAIN_INPUT,)])
+
+
+@pytest.mark.parametrize("size", [112, 224])
+def test_strided_convs_in_a_chain_read_the_layout_their_writers_make(size: int) -> None:
+    """At ResNet-50's sizes (224: 56x56 into layer2, strided 3x3 convs over even numbers of
+    output rows, run in order over two parts when alone), a chain of the bottleneck net
+    equals the dense model: its writers make the whole padded layout its strided convs read,
+    not the row parts those convs copy into when they run by themselves."""
+    model = bottleneck_net()
+    checked_chain(model, torch.randn(1, 3, size, size), calls=2)

@@ -1048,7 +1048,8 @@ def test_row_parts_split_the_copy_between_two_threads_and_match_the_whole_conv()
     with torch.no_grad():
         assert relative_error(sparse(x), conv(x)) <= EXACT
         plan = sparse.gather_plan(x)
-    assert plan is not None and plan.source_floats == split.floats
+    assert plan is not None and plan.alone is not None
+    assert plan.alone.source_floats == split.floats and plan.source_floats == layout.floats
 
 
 def test_a_strided_kxk_conv_reads_vector_aligned_rows_where_that_widens_them_little(

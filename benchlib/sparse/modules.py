@@ -305,6 +305,21 @@ class GatherPlan:
     the kernel."""
     lock: threading.Lock
     """Held from the first argument set to the end of the product: one call at a time."""
+    alone: SourceCalls | None = None
+    """Where the layer runs by itself (``forward``) on a source in row parts (a strided kxk
+    conv, ``direct.RowParts``), the calls for it; ``copy`` and ``product`` read the whole
+    layout, as a chain's steps (``bands.py``, ``binding.py``) and the padded images a chain's
+    writer makes (``padded_product``) lay it out."""
+
+
+@dataclass(frozen=True)
+class SourceCalls:
+    """A layout copy, the product that reads what it writes, and the floats per image of the
+    source between them."""
+
+    copy: PackedCall
+    product: PackedCall
+    source_floats: int
 
 
 class SparseConv2d(nn.Module):
@@ -396,9 +411,10 @@ class SparseConv2d(nn.Module):
 
     def plan_bytes(self) -> int:
         """Bytes the layer's native plans hold beside its kernel's tensors and its bias: the
-        entry offsets per input size (and per band width, for a chain's bands), the column
-        blocks, and the block-major copies of the entries that a column-blocked product reads
-        instead of the kernel's own (0 before the first native call, or where none runs)."""
+        entry offsets per input size (and per band width, for a chain's bands, and per row part
+        split, for a strided conv run alone), the column blocks, and the block-major copies of
+        the entries that a column-blocked product reads instead of the kernel's own (0 before
+        the first native call, or where none runs)."""
         kernel = self.kernel
         kernel_tensors = list(kernel.buffers()) if isinstance(kernel, nn.Module) else []
         own = {t.data_ptr() for t in (*kernel_tensors, *self.buffers())}
@@ -419,7 +435,8 @@ class SparseConv2d(nn.Module):
         for blocks in self._ksplits.values():
             hold(blocks)
         for plan in self._plans.values():
-            for call in (plan.product, plan.copy):
+            alone = () if plan.alone is None else (plan.alone.product, plan.alone.copy)
+            for call in (plan.product, plan.copy, *alone):
                 for value in () if call is None else call.keep:
                     hold(value)
         return sum(held.values())
@@ -507,19 +524,25 @@ class SparseConv2d(nn.Module):
         ksplit = self.ksplit(h, w)
         halves = output_halves(self.kernel_size, self.stride, layout, self.out_channels)
         shifts = self.shift_groups(h, w) > 1
-        product = None
-        source_floats = layout.floats
-        copy = None if layout.in_place else layout.copy_call(n)
+        product = alone = None
         if halves is not None:
-            with contextlib.suppress(ValueError):  # the last part would read past the source
-                split = RowParts.of(layout, halves.count)
+            with contextlib.suppress(ValueError):  # the last half would read past the source
                 product = kernel.gather_call(
-                    split.entry_offsets(kernel.col), split.floats, n, split.columns,
-                    layout.pitch, layout.out_w, bias, ksplit,
-                    replace(halves, source_step=split.part_floats), in_order=True,
-                    shift_groups=shifts,
+                    offsets, layout.floats, n, halves.source_step, layout.pitch, layout.out_w,
+                    bias, ksplit, halves, in_order=True, shift_groups=shifts,
                 )  # fmt: skip
-                source_floats, copy = split.floats, split.copy_call(n)
+            with contextlib.suppress(ValueError):
+                split = RowParts.of(layout, halves.count)
+                alone = SourceCalls(
+                    split.copy_call(n),
+                    kernel.gather_call(
+                        split.entry_offsets(kernel.col), split.floats, n, split.columns,
+                        layout.pitch, layout.out_w, bias, ksplit,
+                        replace(halves, source_step=split.part_floats), in_order=True,
+                        shift_groups=shifts,
+                    ),
+                    split.floats,
+                )  # fmt: skip
         if product is None:
             product = kernel.gather_call(
                 offsets, layout.floats, n, layout.columns, layout.pitch, layout.out_w, bias,
@@ -530,11 +553,12 @@ class SparseConv2d(nn.Module):
             values=kernel.values,
             bias=bias,
             out_shape=(n, self.out_channels, layout.out_h, layout.out_w),
-            source_floats=source_floats,
-            copy=copy,
+            source_floats=layout.floats,
+            copy=None if layout.in_place else layout.copy_call(n),
             product=product,
             fuses_residual=layout.pitch == layout.out_w,
             lock=threading.Lock(),
+            alone=alone,
         )
         self._plans[tuple(x.shape)] = plan
         return plan
@@ -555,15 +579,19 @@ class SparseConv2d(nn.Module):
         if fused and residual is not None:
             residual = residual.contiguous()
         threads = torch.get_num_threads()
+        copy, product, source_floats = plan.copy, plan.product, plan.source_floats
+        if plan.alone is not None:
+            copy, product, source_floats = (
+                plan.alone.copy, plan.alone.product, plan.alone.source_floats,
+            )  # fmt: skip
         with plan.lock:
             source = x
-            if plan.copy is not None:
-                source = x.new_empty(x.shape[0], plan.source_floats)
-                plan.copy[COPY_SOURCE] = x.data_ptr()
-                plan.copy[COPY_OUT] = source.data_ptr()
-                plan.copy[COPY_THREADS] = threads
-                plan.copy()
-            product = plan.product
+            if copy is not None:
+                source = x.new_empty(x.shape[0], source_floats)
+                copy[COPY_SOURCE] = x.data_ptr()
+                copy[COPY_OUT] = source.data_ptr()
+                copy[COPY_THREADS] = threads
+                copy()
             product[GATHER_SOURCE] = source.data_ptr()
             product[GATHER_OUT] = out.data_ptr()
             product[GATHER_RELU] = int(self.relu and (residual is None or fused))
