@@ -37,10 +37,15 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
+import shutil
 import statistics
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -79,6 +84,45 @@ LAYERS: tuple[Shape, ...] = (
     Shape("linear 2048->1000", lambda: nn.Linear(2048, 1000), (1, 2048)),
 )  # fmt: skip
 """ResNet-50's layer shapes (torchvision v1.5: the stride in the 3x3 conv), batch 1."""
+
+
+ROUND_TRIP_SOURCE = Path(__file__).with_name("native") / "round_trip.cpp"
+
+
+@functools.cache
+def _round_trip_program() -> Path | str:
+    """``native/round_trip.cpp`` built once per process into a temporary folder (``$CXX``,
+    else ``c++``), or why it could not be."""
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    if compiler is None:
+        return "no C++ compiler"
+    program = Path(tempfile.mkdtemp(prefix="benchlib-round-trip-")) / "round_trip"
+    try:
+        subprocess.run(
+            [compiler, "-O2", "-pthread", str(ROUND_TRIP_SOURCE), "-o", str(program)],
+            check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"build failed: {exc}"
+    return program
+
+
+def round_trip() -> str:
+    """The cache-line round trip between CPUs 0 and 1 now, as printed: on the shared VM the
+    host moves the two vCPUs between one CCX (50-120 ns) and two CCDs (350-400 ns) every few
+    seconds, and the sparse kernels lose more than dense ones in the far placement."""
+    program = _round_trip_program()
+    if isinstance(program, str):
+        return f"unavailable ({program})"
+    try:
+        done = subprocess.run(
+            [str(program), "0", "1", "50000"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"unavailable ({exc})"
+    if done.returncode:
+        return f"unavailable ({done.stderr.strip()})"
+    return f"{done.stdout.strip()} ns"
 
 
 def sparse_twin(layer: nn.Module, kernel: Callable[[torch.Tensor], Any]) -> nn.Module:
@@ -276,13 +320,16 @@ def main() -> None:
     loaded = load_library()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, native kernels: "
           f"{getattr(loaded, 'isa', None) or getattr(loaded, 'reason', '?')}")  # fmt: skip
+    print(f"vCPU 0 <-> 1 cache-line round trip: {round_trip()}")
     if not args.e2e_only:
         wanted = None if args.layers == "all" else set(args.layers.split(","))
         shapes = [s for s in LAYERS if wanted is None or s.name in wanted]
         sparsities = [float(s) for s in args.sparsities.split(",")]
         summarize(layer_table(shapes, sparsities, args.reps, args.layer_block))
+        print(f"vCPU 0 <-> 1 cache-line round trip: {round_trip()}")
     if args.e2e or args.e2e_only:
         end_to_end(args.e2e_rounds, args.block, args.e2e_spec)
+        print(f"vCPU 0 <-> 1 cache-line round trip: {round_trip()}")
 
 
 if __name__ == "__main__":

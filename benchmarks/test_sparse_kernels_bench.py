@@ -10,13 +10,14 @@ Every sparse layer first passes the exactness check against the dense one (1e-4 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 from pytest_benchmark.fixture import BenchmarkFixture
-from sparse_kernels import LAYERS, Shape, sparse_twin
+from sparse_kernels import LAYERS, Shape, round_trip, sparse_twin
 from torch import nn
 
 from benchlib.harness.verify import relative_error
@@ -76,3 +77,16 @@ def test_layer(
     benchmark.pedantic(  # type: ignore[no-untyped-call]
         once, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS, iterations=1
     )
+
+
+def test_the_round_trip_probe_reports_nanoseconds_or_why_not() -> None:
+    """``round_trip`` (printed around the table) reads "<n> ns" where a compiler and two CPUs
+    are there, else "unavailable (<why>)"."""
+    text = round_trip()
+    if (os.cpu_count() or 1) < 2:
+        assert text.startswith("unavailable (")
+    elif text.startswith("unavailable ("):
+        pytest.skip(f"no probe here: {text}")
+    else:
+        value, unit = text.split()
+        assert unit == "ns" and 0 < float(value) < 1e6
