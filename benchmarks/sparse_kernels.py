@@ -24,9 +24,13 @@ model, each prepared by its target and checked against eager fp32. The targets r
 and OpenMP's worker threads spin for a while after a call (measured: with blocks of 5 calls
 less the first, cpu-sparse's p90 doubled), and per-call interleaving would bill that to the
 next target. Each round's medians also give a paired ratio per round (the targets ran within
-about 1.5 s of each other): its range shows the machine's phases (on the shared 2-vCPU VM
-the two vCPUs at times run at about 2/3 speed for 5-30 s while one thread alone does not
-slow, and that costs the native kernels more than ONNX Runtime).
+about 1.5 s of each other): its range shows the machine's phases. On the shared 2-vCPU Zen 4
+VM the host moves the two vCPUs between cores of one CCX and cores on two CCDs every few
+seconds to minutes; the cache-line round trip between them, printed before the table, after
+it and after the end-to-end run, reads 50-120 ns in the first placement and 350-400 ns in the
+second. Across CCDs every hand-over of activations between the threads costs more, and the
+native kernels, 62 short steps end to end, lose more than one dense library call: ResNet-50
+magnitude:0.9 took 16.7 ms near and 24.0 ms far, ONNX Runtime 39-42 ms and 42-50 ms.
 
     python benchmarks/sparse_kernels.py [--threads 2] [--reps 12] [--layer-block 8]
         [--sparsities 0.5,0.7,0.8,0.9,0.95] [--layers all|NAME,...]
