@@ -604,8 +604,9 @@ def test_relu_before_a_native_pool_moves_into_it(leak: bool) -> None:
 
 def test_plan_bytes_count_what_the_plans_hold_beside_the_weights() -> None:
     """A 1x1 conv's plan holds its entry offsets (int32 each); a column-blocked 3x3 conv's
-    also the blocks (bounds, entry order) and block-major copies of offsets and values, and
-    its layout copy's phase table. Nothing before the first call; nothing of the kernel's."""
+    also the blocks (bounds, entry order) and block-major copies of offsets and values, its
+    layout copy's phase table, and the block-major offsets into the row parts it reads when
+    it runs alone. Nothing before the first call; nothing of the kernel's."""
     torch.manual_seed(0)
     pointwise, blocked = nn.Conv2d(16, 8, 1), nn.Conv2d(64, 64, 3, padding=1)
     for conv in (pointwise, blocked):
@@ -622,6 +623,9 @@ def test_plan_bytes_count_what_the_plans_hold_beside_the_weights() -> None:
     assert blocks is not None and blocks.blocks > 1
     phases = layers[1].layout(32, 32)[0]._phase_table
     expected = 4 * entries[1] * 4 + 4 * blocks.bounds.numel() + 4 * phases.numel()
+    plan = layers[1].gather_plan(inputs[1])
+    assert plan is not None and plan.alone is not None  # run alone: the source in row parts
+    expected += 4 * entries[1]  # the parts' block-major offsets (the values' copy is shared)
     assert layers[1].plan_bytes() == expected  # offsets, order, block-major offsets, values
 
 

@@ -306,10 +306,10 @@ class GatherPlan:
     lock: threading.Lock
     """Held from the first argument set to the end of the product: one call at a time."""
     alone: SourceCalls | None = None
-    """Where the layer runs by itself (``forward``) on a source in row parts (a strided kxk
-    conv, ``direct.RowParts``), the calls for it; ``copy`` and ``product`` read the whole
-    layout, as a chain's steps (``bands.py``, ``binding.py``) and the padded images a chain's
-    writer makes (``padded_product``) lay it out."""
+    """Where the layer runs by itself (``forward``) on a source in row parts (a kxk conv over
+    an even number of output rows, ``direct.RowParts``), the calls for it; ``copy`` and
+    ``product`` read the whole layout, as a chain's steps (``bands.py``, ``binding.py``) and
+    the padded images a chain's writer makes (``padded_product``) lay it out."""
 
 
 @dataclass(frozen=True)
@@ -531,14 +531,16 @@ class SparseConv2d(nn.Module):
                     offsets, layout.floats, n, halves.source_step, layout.pitch, layout.out_w,
                     bias, ksplit, halves, in_order=True, shift_groups=shifts,
                 )  # fmt: skip
+        parts = output_halves(self.kernel_size, self.stride, layout, self.out_channels, True)
+        if parts is not None:
             with contextlib.suppress(ValueError):
-                split = RowParts.of(layout, halves.count)
+                split = RowParts.of(layout, parts.count)
                 alone = SourceCalls(
                     split.copy_call(n),
                     kernel.gather_call(
                         split.entry_offsets(kernel.col), split.floats, n, split.columns,
                         layout.pitch, layout.out_w, bias, ksplit,
-                        replace(halves, source_step=split.part_floats), in_order=True,
+                        replace(parts, source_step=split.part_floats), in_order=True,
                         shift_groups=shifts,
                     ),
                     split.floats,

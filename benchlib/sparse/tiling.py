@@ -275,7 +275,11 @@ IN_ORDER_MIN_ROWS = 4
 
 
 def output_halves(
-    kernel_size: tuple[int, int], stride: tuple[int, int], layout: ConvLayout, out_channels: int
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    layout: ConvLayout,
+    out_channels: int,
+    alone: bool = False,
 ) -> Parts | None:
     """Where a standalone strided kxk conv's product (over ``layout``, ``out_channels``
     outputs, NCHW) runs in ``IN_ORDER_PARTS`` parts of whole output rows, one per thread in
@@ -295,11 +299,17 @@ def output_halves(
     products claim tiles) ran 0.98-1.01x: not done. A copy whose threads split each image's
     rows instead (to match the halves) took 90 us against 51 and ran the layer slower; the
     same order for the strided convs inside a chain (7 parts, so 3 and 4 a thread) ran no
-    faster."""
+    faster.
+
+    ``alone``: the parts for a conv run by itself on a source in row parts (``RowParts``:
+    each thread copies and then reads only its own part), stride-1 kxk convs included. On
+    the Zen 4 VM, where the host at times places the two vCPUs on different CCDs, a copy
+    handed over by channels made 3x3 64 -> 64 @56 and 128 -> 128 @28 at 90% take 1.8-2.1x
+    their time in that placement (0.53 against 0.30 ms)."""
     parts = IN_ORDER_PARTS
     if (
         kernel_size == (1, 1)
-        or stride == (1, 1)
+        or (stride == (1, 1) and not alone)
         or layout.in_place
         or layout.out_h % parts
         or layout.out_h < IN_ORDER_MIN_ROWS * parts
