@@ -166,13 +166,8 @@ class ConvLayout:
     def entry_offsets(self, entry_columns: torch.Tensor) -> torch.Tensor:
         """int32 offsets of the stored entries of a kernel whose entry ``e`` holds conv matrix
         column ``entry_columns[e]``. Raises ValueError when a read would leave the image."""
-        offsets = self.column_offsets()[entry_columns.long()]
-        if offsets.numel() and int(offsets.max()) + self.columns > self.floats:
-            raise ValueError(
-                f"offset {int(offsets.max())} + {self.columns} columns leaves the "
-                f"{self.floats}-float image"
-            )
-        return offsets.to(torch.int32)
+        starts = self.column_offsets()
+        return _entry_offsets(starts, entry_columns, self.columns, self.floats, "image")
 
     def copy_call(self, images: int) -> PackedCall:
         """The native copy of ``source`` for ``images`` images as a ``PackedCall``: per call
@@ -235,6 +230,20 @@ class ConvLayout:
         return flat.reshape(batch, -1)
 
 
+def _entry_offsets(
+    starts: torch.Tensor, entry_columns: torch.Tensor, columns: int, floats: int, what: str
+) -> torch.Tensor:
+    """int32: ``starts`` (where each conv matrix column starts reading) of each entry's column.
+    Raises ValueError where reading ``columns`` columns from one would leave the ``floats``
+    floats of the ``what`` (an image, a part)."""
+    offsets = starts[entry_columns.long()]
+    if offsets.numel() and int(offsets.max()) + columns > floats:
+        raise ValueError(
+            f"offset {int(offsets.max())} + {columns} columns leaves the {floats}-float {what}"
+        )
+    return offsets.to(torch.int32)
+
+
 @dataclass(frozen=True)
 class RowParts:
     """A layout's source split into ``count`` parts of ``rows`` output rows each, stored apart:
@@ -281,13 +290,8 @@ class RowParts:
     def entry_offsets(self, entry_columns: torch.Tensor) -> torch.Tensor:
         """int32 offsets within a part of the entries of a kernel whose entry ``e`` holds conv
         matrix column ``entry_columns[e]``."""
-        offsets = self.layout.column_offsets(self.plane)[entry_columns.long()]
-        if offsets.numel() and int(offsets.max()) + self.columns > self.part_floats:
-            raise ValueError(
-                f"offset {int(offsets.max())} + {self.columns} columns leaves the "
-                f"{self.part_floats}-float part"
-            )
-        return offsets.to(torch.int32)
+        starts = self.layout.column_offsets(self.plane)
+        return _entry_offsets(starts, entry_columns, self.columns, self.part_floats, "part")
 
     def copy_call(self, images: int) -> PackedCall:
         """The native copy into this split as a ``PackedCall``, set per call as
