@@ -412,7 +412,7 @@ class SparseConv2d(nn.Module):
     def plan_bytes(self) -> int:
         """Bytes the layer's native plans hold beside its kernel's tensors and its bias: the
         entry offsets per input size (and per band width, for a chain's bands, and per row part
-        split, for a strided conv run alone), the column blocks, and the block-major copies of
+        split, for a kxk conv run alone), the column blocks, and the block-major copies of
         the entries that a column-blocked product reads instead of the kernel's own (0 before
         the first native call, or where none runs)."""
         kernel = self.kernel

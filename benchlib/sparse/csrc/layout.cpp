@@ -295,10 +295,10 @@ int benchlib_max_pool2d(const float* x, int64_t planes, int64_t height, int64_t 
 // [row_parts * t / parts, row_parts * (t + 1) / parts). Each thread then reads back only what
 // it wrote, from one contiguous run: handed over by planes, half of the copy moves to the
 // other core. Measured on the Zen 4 EPYC VM, 2 threads, 3x3/2 256 -> 256 @28 at 90%, the copy
-// then the product: 409 us where the two vCPUs exchange a cache line in 50-120 ns and 1277
-// us where they take 350-400 ns (on different CCDs), against 48 + 234 us run apart; split by
-// rows within the planes instead, the copy alone took 157 / 706 us against 48 / 84 (the
-// threads' rows interleave a few lines apart).
+// then the product: handed over by planes 409 us where the two vCPUs exchange a cache line in
+// 50-120 ns and 1277 us where they take 350-400 ns (on different CCDs), against 48 + 234 us
+// run apart; in row parts 348 and 433 us. Split by rows within the planes instead, the copy
+// alone took 157 / 706 us against 48 / 84 (the threads' rows interleave a few lines apart).
 int benchlib_conv_layout(const float* x, int64_t images, int64_t channels, int64_t height,
                          int64_t width, const int32_t* phases, int64_t phase_count, int64_t sh,
                          int64_t sw, int64_t top, int64_t left, int64_t phase_h, int64_t phase_w,
