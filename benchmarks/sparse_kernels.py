@@ -27,7 +27,7 @@ next target. Each round's medians also give a paired ratio per round (the target
 about 1.5 s of each other): its range shows the machine's phases. On the shared 2-vCPU Zen 4
 VM the host moves the two vCPUs between cores of one CCX and cores on two CCDs every few
 seconds to minutes; the cache-line round trip between them, printed before the table, after
-it and after the end-to-end run, reads 50-120 ns in the first placement and 350-400 ns in the
+it and after the end-to-end run, reads 50-120 ns in the first placement and 330-440 ns in the
 second. Across CCDs every hand-over of activations between the threads costs more, and the
 native kernels, 62 short steps end to end, lose more than one dense library call: ResNet-50
 magnitude:0.9 took 16.7 ms near and 24.0 ms far, ONNX Runtime 39-42 ms and 42-50 ms.
@@ -40,6 +40,7 @@ magnitude:0.9 took 16.7 ms near and 24.0 ms far, ONNX Runtime 39-42 ms and 42-50
 from __future__ import annotations
 
 import argparse
+import atexit
 import functools
 import os
 import shutil
@@ -100,7 +101,9 @@ def _round_trip_program() -> Path | str:
     compiler = shutil.which(os.environ.get("CXX", "c++"))
     if compiler is None:
         return "no C++ compiler"
-    program = Path(tempfile.mkdtemp(prefix="benchlib-round-trip-")) / "round_trip"
+    folder = tempfile.mkdtemp(prefix="benchlib-round-trip-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    program = Path(folder) / "round_trip"
     try:
         subprocess.run(
             [compiler, "-O2", "-pthread", str(ROUND_TRIP_SOURCE), "-o", str(program)],
@@ -113,7 +116,7 @@ def _round_trip_program() -> Path | str:
 
 def round_trip() -> str:
     """The cache-line round trip between CPUs 0 and 1 now, as printed: on the shared VM the
-    host moves the two vCPUs between one CCX (50-120 ns) and two CCDs (350-400 ns) every few
+    host moves the two vCPUs between one CCX (50-120 ns) and two CCDs (330-440 ns) every few
     seconds, and the sparse kernels lose more than dense ones in the far placement."""
     program = _round_trip_program()
     if isinstance(program, str):
@@ -127,6 +130,10 @@ def round_trip() -> str:
     if done.returncode:
         return f"unavailable ({done.stderr.strip()})"
     return f"{done.stdout.strip()} ns"
+
+
+def report_round_trip() -> None:
+    print(f"vCPU 0 <-> 1 cache-line round trip: {round_trip()}", flush=True)
 
 
 def sparse_twin(layer: nn.Module, kernel: Callable[[torch.Tensor], Any]) -> nn.Module:
@@ -324,16 +331,16 @@ def main() -> None:
     loaded = load_library()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, native kernels: "
           f"{getattr(loaded, 'isa', None) or getattr(loaded, 'reason', '?')}")  # fmt: skip
-    print(f"vCPU 0 <-> 1 cache-line round trip: {round_trip()}")
+    report_round_trip()
     if not args.e2e_only:
         wanted = None if args.layers == "all" else set(args.layers.split(","))
         shapes = [s for s in LAYERS if wanted is None or s.name in wanted]
         sparsities = [float(s) for s in args.sparsities.split(",")]
         summarize(layer_table(shapes, sparsities, args.reps, args.layer_block))
-        print(f"vCPU 0 <-> 1 cache-line round trip: {round_trip()}")
+        report_round_trip()
     if args.e2e or args.e2e_only:
         end_to_end(args.e2e_rounds, args.block, args.e2e_spec)
-        print(f"vCPU 0 <-> 1 cache-line round trip: {round_trip()}")
+        report_round_trip()
 
 
 if __name__ == "__main__":

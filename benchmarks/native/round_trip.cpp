@@ -1,7 +1,7 @@
 // The round trip of a cache line between two CPUs: two threads pinned to them pass a counter
 // back and forth; prints the mean nanoseconds per round trip. On the shared 2-vCPU VM it
 // tells where the host placed the vCPUs for the moment (see benchmarks/sparse_kernels.py):
-// about 50-120 ns within one CCX, 350-400 ns across CCDs.
+// about 50-120 ns within one CCX, 330-440 ns across CCDs.
 //
 //     round_trip [cpu_a=0] [cpu_b=1] [round_trips=100000]
 
