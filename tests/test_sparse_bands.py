@@ -27,13 +27,15 @@ from benchlib.sparse.bands import (
     to_bands,
     writes_padded,
 )
-from benchlib.sparse.binding import Binding
+from benchlib.sparse.binding import GATHER_STEP, Binding
 from benchlib.sparse.build import load_library
 from benchlib.sparse.chain import NativeChain
 from benchlib.sparse.direct import COPY_BAND, COPY_OUT, COPY_SOURCE, COPY_STRIDE, COPY_THREADS
 from benchlib.sparse.modules import SparseConv2d
 from benchlib.sparse.native import (
+    GATHER_IN_ORDER,
     GATHER_OUT,
+    GATHER_PARTS,
     GATHER_RELU,
     GATHER_RESIDUAL,
     GATHER_SOURCE,
@@ -75,12 +77,14 @@ def test_avx512_bands_are_a_128_float_tile_wide_and_64_byte_aligned() -> None:
         return bands_for(height, width, band=128, align=16)
 
     assert avx512(56, 56) == Bands(2, 112)
-    assert avx512(28, 28) == Bands(4, 112)
-    assert avx512(30, 20) == Bands(6, 128)
+    # 7 bands of 4 rows (5 of 6) would not split between two threads: one band a thread
+    assert avx512(28, 28) == Bands(14, 400)
+    assert avx512(30, 20) == Bands(15, 304)
+    assert avx512(32, 32) == Bands(4, 128)  # 8 bands
     assert avx512(14, 14) == Bands(14, 208)  # one band, padded to 13 cache lines
     assert avx512(7, 7) == Bands(7, 64)
     assert avx512(16, 16) is None  # 256 floats: aligned already
-    assert avx512(99, 99) == Bands(1, 112)  # a row of 99 floats in a band
+    assert avx512(99, 99) == Bands(1, 112)  # 99 bands of a row: 99 rows do not halve
     assert avx512(150, 150) == Bands(150, 22512)  # a row wider than a band: one band
 
 
@@ -391,6 +395,26 @@ def test_a_chain_at_32x32_runs_its_layers_in_bands_and_equals_the_model(band_isa
         assert binding.fused_copies == 2  # and layer2's second block's first 1x1 conv
     assert chain.banded_layers() == 4
     assert chain.padded_layers() == 0
+
+
+def test_a_chains_products_over_bands_run_them_in_order_one_half_a_thread(
+    band_isa: str,
+) -> None:
+    """At ResNet-50's sizes (56x56 into layer1, 28x28 in layer2), every product of the chain
+    over an even number of bands runs them in order (each thread the same rows of every
+    activation, step after step), 28x28 in two bands of 14 rows on AVX-512 (seven of 4 would
+    not halve); the rest claim tiles or split rows as before; the chain equals the model."""
+    chain, bindings = bottleneck_chain(224)
+    at_28 = {"avx2": Bands(2, 56), "avx512": Bands(14, 400)}[band_isa]
+    for binding in bindings:
+        assert at_28 in binding.bands
+        products = [call for kind, call in binding.calls if kind == GATHER_STEP]
+        ordered = [call[GATHER_IN_ORDER] for call in products]
+        assert ordered == [
+            int(call[GATHER_PARTS] >= 2 and call[GATHER_PARTS] % 2 == 0) for call in products
+        ]
+        assert sum(ordered) >= 6  # layer1's and layer2's products
+        assert sum(ordered) < len(products)  # 14x14 and 7x7: one band
 
 
 def test_a_chain_holds_planes_of_unaligned_sizes_padded_and_its_head_reads_them(
