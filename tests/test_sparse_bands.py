@@ -404,7 +404,7 @@ def test_a_chains_products_over_bands_run_them_in_order_one_half_a_thread(
     over an even number of bands runs them in order (each thread the same rows of every
     activation, step after step), 28x28 in two bands of 14 rows on AVX-512 (seven of 4 would
     not halve); the rest claim tiles or split rows as before; the chain equals the model."""
-    chain, bindings = bottleneck_chain(224)
+    _, bindings = bottleneck_chain(224)
     at_28 = {"avx2": Bands(2, 56), "avx512": Bands(14, 400)}[band_isa]
     for binding in bindings:
         assert at_28 in binding.bands
