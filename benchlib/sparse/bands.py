@@ -45,6 +45,7 @@ from benchlib.sparse.direct import (
     COPY_STRIDE,
     COPY_THREADS,
     ConvLayout,
+    RowParts,
 )
 from benchlib.sparse.modules import GatherKernel, GatherPlan, SparseConv2d
 from benchlib.sparse.native import (
@@ -295,22 +296,93 @@ def layer_calls(
     shape: tuple[int, ...],
     source: Bands | None,
     out: Bands | None,
+    whole_layout: bool = False,
 ) -> tuple[PackedCall | None, PackedCall]:
     """Private copies of ``plan``'s calls (``layer``'s, for an input of ``shape``) for an input
     in ``source`` bands and an output in ``out`` bands (None: NCHW): the layout copy (None
     where the layer reads its input in place, or ``copies_as_is``: the product then reads the
     input), reading the bands, and the product (``banded_product`` where a side is banded
-    that the plan's cannot take)."""
-    if out is None and (plan.copy is not None or source is None):
+    that the plan's cannot take). The copy is into ``row_parts`` where those apply, but with
+    ``whole_layout``: the product then reads the plan's whole layout (which a chain's writer
+    makes for its stride-1 reader, ``padded_product``)."""
+    split = None if whole_layout else row_parts(layer, plan, shape, source, out)
+    if split is not None:
+        assert out is not None  # (row_parts says so)
+        product = _row_part_product(layer, shape, split, out)
+        copy: PackedCall | None = split.copy_call(shape[0])
+    elif out is None and (plan.copy is not None or source is None):
         product = plan.product.copy()
     else:
         product = banded_product(layer, shape, source, out)
-    copy = None
-    if plan.copy is not None and not copies_as_is(layer, shape, source):
-        copy = plan.copy.copy()
+    if split is None:
+        copy = None
+        if plan.copy is not None and not copies_as_is(layer, shape, source):
+            copy = plan.copy.copy()
+    if copy is not None:
         copy[COPY_BAND] = 0 if source is None else source.rows
         copy[COPY_STRIDE] = 0 if source is None else source.stride
     return copy, product
+
+
+def row_parts(
+    layer: SparseConv2d,
+    plan: GatherPlan,
+    shape: tuple[int, ...],
+    source: Bands | None,
+    out: Bands | None,
+) -> RowParts | None:
+    """The row parts ``layer_calls`` copies the input of ``layer`` (``plan``'s, on an input of
+    ``shape`` in ``source`` bands) into for an output in ``out`` bands, or None (the plan's
+    whole layout): where the layer takes a copy (a strided conv: a chain's stride-1 kxk convs
+    read the padded images their writers make) and its output is one band a thread
+    (``IN_ORDER_PARTS`` bands: 28x28 behind ResNet-50's first strided convs). Each thread then
+    copies the rows of its part (of an input whose rows it wrote, one step before, in order)
+    and reads them back, instead of each copying half of the channels that its product then
+    reads in full."""
+    if (
+        plan.copy is None
+        or out is None
+        or out.rows * IN_ORDER_PARTS != plan.out_shape[2]
+        or copies_as_is(layer, shape, source)
+    ):
+        return None
+    layout, _ = layer.layout(shape[2], shape[3])
+    return RowParts.of(layout, IN_ORDER_PARTS)
+
+
+def copy_floats(
+    layer: SparseConv2d,
+    plan: GatherPlan,
+    shape: tuple[int, ...],
+    source: Bands | None,
+    out: Bands | None,
+) -> int:
+    """Floats per image of the copy ``layer_calls`` makes for these bands (where it makes one)."""
+    split = row_parts(layer, plan, shape, source, out)
+    return plan.source_floats if split is None else split.floats
+
+
+def _row_part_product(
+    layer: SparseConv2d, shape: tuple[int, ...], split: RowParts, out: Bands
+) -> PackedCall:
+    """``layer``'s product over the row parts of ``split`` (its input of ``shape`` copied into
+    them), in order, each part writing one band of ``out``."""
+    n, _, h, w = shape
+    layout = split.layout
+    kernel: GatherKernel = layer.kernel  # type: ignore[assignment]
+    plan_shape = (n, layer.out_channels, layout.out_h, layout.out_w)
+    parts = Parts(
+        count=split.count,
+        source_step=split.part_floats,
+        out_step=layer.out_channels * out.stride,
+        out_row=out.stride,
+        out_image=out.floats(plan_shape) // n,
+    )
+    return kernel.gather_call(
+        split.entry_offsets(kernel.col), split.floats, n, split.columns, layout.pitch,
+        layout.out_w, layer.bias, layer.ksplit(h, w), parts, in_order=True,
+        shift_groups=layer.shift_groups(h, w) > 1,
+    )  # fmt: skip
 
 
 def copies_as_is(layer: SparseConv2d, shape: tuple[int, ...], source: Bands | None) -> bool:
@@ -376,7 +448,8 @@ class ChainedConv(nn.Module):
         source = x.contiguous() if source_bands is None else to_bands(x, source_bands)
         self.buffers_ = [source]  # what the calls' addresses point into
         if self.copy is not None:
-            scratch = x.new_empty(x.shape[0], plan.source_floats)
+            floats = copy_floats(layer, plan, x.shape, source_bands, out_bands)
+            scratch = x.new_empty(x.shape[0], floats)
             self.copy[COPY_SOURCE], self.copy[COPY_OUT] = source.data_ptr(), scratch.data_ptr()
             self.buffers_.append(scratch)
             source = scratch

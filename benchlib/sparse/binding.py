@@ -26,6 +26,7 @@ from benchlib.sparse.bands import (
     Bands,
     adds_residual,
     bands_for,
+    copy_floats,
     layer_calls,
     padded_product,
     padded_start,
@@ -263,8 +264,9 @@ def bind(
     readers = {reader: writer for writer, reader in fused.items()}
     scratch_floats = max(
         (
-            x.shape[0] * plan.source_floats
-            for step, plan in enumerate(plans)
+            x.shape[0]
+            * copy_floats(layer, plan, tensors[refs[0]].shape, bands[refs[0]], bands[step])
+            for step, (layer, refs, plan) in enumerate(zip(layers, arguments, plans, strict=True))
             if plan.copy is not None and step not in readers
         ),
         default=0,
@@ -300,7 +302,9 @@ def bind(
             product[GATHER_RELU], product[GATHER_RESIDUAL] = int(layer.relu), 0
             calls.append((GATHER_STEP, product))
             continue
-        copy, product = layer_calls(layer, plan, shape, bands[refs[0]], bands[step])
+        copy, product = layer_calls(
+            layer, plan, shape, bands[refs[0]], bands[step], whole_layout=step in readers
+        )
         if step in readers:  # its writer made the copy
             copy = None
             product[GATHER_SOURCE] = placed[refs[0]].data_ptr()
