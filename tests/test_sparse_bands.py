@@ -27,10 +27,17 @@ from benchlib.sparse.bands import (
     to_bands,
     writes_padded,
 )
-from benchlib.sparse.binding import GATHER_STEP, Binding
+from benchlib.sparse.binding import COPY_STEP, GATHER_STEP, Binding
 from benchlib.sparse.build import load_library
 from benchlib.sparse.chain import NativeChain
-from benchlib.sparse.direct import COPY_BAND, COPY_OUT, COPY_SOURCE, COPY_STRIDE, COPY_THREADS
+from benchlib.sparse.direct import (
+    COPY_BAND,
+    COPY_OUT,
+    COPY_ROW_PARTS,
+    COPY_SOURCE,
+    COPY_STRIDE,
+    COPY_THREADS,
+)
 from benchlib.sparse.modules import SparseConv2d
 from benchlib.sparse.native import (
     GATHER_IN_ORDER,
@@ -415,6 +422,24 @@ def test_a_chains_products_over_bands_run_them_in_order_one_half_a_thread(
         ]
         assert sum(ordered) >= 6  # layer1's and layer2's products
         assert sum(ordered) < len(products)  # 14x14 and 7x7: one band
+
+
+def test_a_chains_copies_write_buffers_of_their_own_into_28x28_by_row_parts(
+    band_isa: str,
+) -> None:
+    """The bottleneck net at 224x224: layer2's strided 3x3 conv and its downsample write
+    28x28, on AVX-512 in two bands of 14 rows, one a thread, so their layout copies go into
+    row parts (each thread copies its rows; on AVX2 the 28x28 bands are 14 of 2 rows, and
+    every copy splits by planes), and every copy writes a buffer no other copy writes; the
+    chain equals the model (``bottleneck_chain``)."""
+    _, bindings = bottleneck_chain(224)
+    for binding in bindings:
+        copies = [call for kind, call in binding.calls if kind == COPY_STEP]
+        assert len(copies) >= 4  # layer2's and layer3's strided convs
+        assert len({call[COPY_OUT] for call in copies}) == len(copies)
+        in_parts = [call for call in copies if call[COPY_ROW_PARTS]]
+        assert len(in_parts) == {"avx2": 0, "avx512": 2}[band_isa]
+        assert all(call[COPY_ROW_PARTS] == 2 for call in in_parts)
 
 
 def test_a_chain_holds_planes_of_unaligned_sizes_padded_and_its_head_reads_them(

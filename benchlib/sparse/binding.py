@@ -244,7 +244,15 @@ def bind(
 ) -> Binding | None:
     """The binding for input ``x`` (whose run gave ``outputs``), or None where a layer does
     not run natively on its input or the ``head``'s linear layer is not a contiguous fp32 one
-    of the right size; the head's steps follow the last layer's."""
+    of the right size; the head's steps follow the last layer's.
+
+    Each layout copy writes a buffer of its own, not one scratch buffer for all: a copy then
+    never writes over lines that the other thread wrote in another copy's layout (row parts of
+    another size, or planes split by channels). Measured on the Zen 4 EPYC VM (ResNet-50
+    ``magnitude:0.9``, 2 threads, in-process A/B, alternating): 0.936x the time end to end
+    where the vCPUs sit on different CCDs (19.16 against 20.48 ms), 0.997x on one CCX; its
+    eight copies take 5.3 MB (one shared buffer: 2.0 MB). Outputs still reuse the buffers of
+    outputs no later step reads: a fresh buffer for each ran 0.995x / 1.005x."""
     tensors = [*outputs, x]  # index CHAIN_INPUT (-1) is x
     plans = []
     for layer, refs in zip(layers, arguments, strict=True):
@@ -262,17 +270,7 @@ def bind(
     last_use = {ref: step for step, refs in enumerate(arguments) for ref in refs}
     fused = _fused_copies(layers, arguments, tensors, plans)
     readers = {reader: writer for writer, reader in fused.items()}
-    scratch_floats = max(
-        (
-            x.shape[0]
-            * copy_floats(layer, plan, tensors[refs[0]].shape, bands[refs[0]], bands[step])
-            for step, (layer, refs, plan) in enumerate(zip(layers, arguments, plans, strict=True))
-            if plan.copy is not None and step not in readers
-        ),
-        default=0,
-    )
-    scratch = x.new_empty(scratch_floats)
-    buffers: list[torch.Tensor] = [scratch]
+    buffers: list[torch.Tensor] = []
     free: dict[int, list[torch.Tensor]] = {}
     placed: dict[int, torch.Tensor] = {}  # step -> its output buffer (not the last step's)
     padded: dict[ConvLayout, torch.Tensor] = {}  # a zeroed buffer of padded images per layout
@@ -310,6 +308,9 @@ def bind(
             product[GATHER_SOURCE] = placed[refs[0]].data_ptr()
         elif copy is not None:
             address(refs[0], copy, COPY_SOURCE)
+            floats = copy_floats(layer, plan, shape, bands[refs[0]], bands[step])
+            scratch = x.new_empty(x.shape[0] * floats)  # its own: see bind
+            buffers.append(scratch)
             copy[COPY_OUT] = scratch.data_ptr()
             calls.append((COPY_STEP, copy))
             product[GATHER_SOURCE] = scratch.data_ptr()
