@@ -20,10 +20,12 @@ from benchlib.sparse.bands import (
     banded_product,
     bands_for,
     copies_as_is,
+    copy_floats,
     from_bands,
     layer_calls,
     padded_product,
     padded_start,
+    reads_in_place,
     to_bands,
     writes_padded,
 )
@@ -88,9 +90,10 @@ def test_avx512_bands_are_a_128_float_tile_wide_and_64_byte_aligned() -> None:
     assert avx512(28, 28) == Bands(14, 400)
     assert avx512(30, 20) == Bands(15, 304)
     assert avx512(32, 32) == Bands(4, 128)  # 8 bands
-    assert avx512(14, 14) == Bands(14, 208)  # one band, padded to 13 cache lines
-    assert avx512(7, 7) == Bands(7, 64)
-    assert avx512(16, 16) is None  # 256 floats: aligned already
+    assert avx512(14, 14) == Bands(7, 112)  # halves of 98 floats, one a thread
+    assert avx512(7, 7) == Bands(7, 64)  # one band: 7 rows do not halve
+    assert avx512(16, 16) == Bands(8, 128)
+    assert avx512(12, 12) is None  # 144 pixels: one band of 144 floats, aligned already
     assert avx512(99, 99) == Bands(1, 112)  # 99 bands of a row: 99 rows do not halve
     assert avx512(150, 150) == Bands(150, 22512)  # a row wider than a band: one band
 
@@ -277,6 +280,50 @@ def test_a_copy_that_would_write_the_input_as_it_is_held_is_left_out(
         assert relative_error(out, layer(x)) <= EXACT
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_an_aligned_1x1_conv_reads_several_aligned_bands_in_place(
+    monkeypatch: pytest.MonkeyPatch, threads: int
+) -> None:
+    """The much-reused 1x1 conv above, its input in two bands of 7 rows (14x14 on AVX-512:
+    strips of 98 floats, 112 apart, aligned to a vector): ``reads_in_place``, so the chain's
+    calls leave the aligned copy out and the product reads the bands (NaN between the strips)
+    into NCHW or into the same bands, in order (one band a thread), equal to the layer. Strips
+    not a whole number of vectors apart, one band and NCHW keep the copy."""
+    monkeypatch.setattr("benchlib.sparse.tiling.ALIGN_ISAS", frozenset({load_library().isa}))
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 160, 1)
+    sparsify_weight(conv, 0.1, 0, "none")
+    layer = SparseConv2d.from_dense(conv, NativeSparseMatrix)
+    x = torch.randn(1, 32, 14, 14)
+    assert not layer.layout(14, 14)[0].in_place
+    vector = vector_floats()
+    held = Bands(7, -(-98 // vector) * vector)
+    assert reads_in_place(layer, x.shape, held)
+    assert not reads_in_place(layer, x.shape, Bands(7, held.stride + 1))
+    assert not reads_in_place(layer, x.shape, Bands(14, 208))  # one band: copies_as_is
+    assert not reads_in_place(layer, x.shape, None)
+    assert not reads_in_place(sparse_conv(32, 8, 3, 1, 0), x.shape, held)
+    plan = layer.gather_plan(x)
+    assert plan is not None and plan.copy is not None
+    assert copy_floats(layer, plan, tuple(x.shape), held, held) == plan.source_floats
+    with torch.inference_mode():
+        expected = layer(x)
+    for out_bands in (None, held):
+        copy, product = layer_calls(layer, plan, tuple(x.shape), held, out_bands)
+        assert copy is None
+        assert product[GATHER_IN_ORDER] == 1
+        source = padded_with_nan(x, held)
+        shape = plan.out_shape
+        out = torch.full(shape if out_bands is None else (out_bands.floats(shape),), 0.5)
+        product[GATHER_SOURCE], product[GATHER_OUT] = source.data_ptr(), out.data_ptr()
+        product[GATHER_RELU], product[GATHER_RESIDUAL], product[GATHER_THREADS] = 0, 0, threads
+        assert product() == 0
+        got = out if out_bands is None else from_bands(out, shape, out_bands)
+        assert relative_error(got, expected) <= EXACT
+    copy, _ = layer_calls(layer, plan, tuple(x.shape), Bands(7, held.stride + 1), None)
+    assert copy is not None
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     height=st.integers(1, 12),
@@ -389,18 +436,21 @@ def band_isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_a_chain_at_32x32_runs_its_layers_in_bands_and_equals_the_model(band_isa: str) -> None:
-    """ResNet bottlenecks at 32x32 (bands of two rows, four on AVX-512) then 16x16 (NCHW),
-    batches 1 and 2: the chain keeps its output and the head's input NCHW, and equals the
-    model."""
+    """ResNet bottlenecks at 32x32 (bands of two rows, four on AVX-512) then 16x16 (NCHW; on
+    AVX-512 two bands of 8 rows, one a thread), batches 1 and 2: the chain keeps its output
+    and the head's input NCHW, and equals the model."""
     chain, bindings = bottleneck_chain(128)
     bands = {"avx2": Bands(2, 64), "avx512": Bands(4, 128)}[band_isa]
+    half = {"avx2": None, "avx512": Bands(8, 128)}[band_isa]
     for binding in bindings:
         # layer1 and layer2's first 1x1 conv write 32x32 outputs (but layer1's first, which
-        # writes the padded input of its 3x3 conv), the rest 16x16 or less, whose planes of
-        # 256, 64 and 16 floats are aligned already
-        assert binding.bands == [None] + [bands] * 4 + [None] * 14
+        # writes the padded input of its 3x3 conv), layer2's other steps 16x16 (but the 1x1
+        # conv that writes the padded input of its 3x3 conv), the rest 8x8 and 4x4, whose
+        # planes of 64 and 16 floats are aligned already
+        expected = [None, *[bands] * 4, *[half] * 3, None, *[half] * 3, *[None] * 7]
+        assert binding.bands == expected
         assert binding.fused_copies == 2  # and layer2's second block's first 1x1 conv
-    assert chain.banded_layers() == 4
+    assert chain.banded_layers() == {"avx2": 4, "avx512": 10}[band_isa]
     assert chain.padded_layers() == 0
 
 
@@ -421,24 +471,25 @@ def test_a_chains_products_over_bands_run_them_in_order_one_half_a_thread(
             int(call[GATHER_PARTS] >= 2 and call[GATHER_PARTS] % 2 == 0) for call in products
         ]
         assert sum(ordered) >= 6  # layer1's and layer2's products
-        assert sum(ordered) < len(products)  # 14x14 and 7x7: one band
+        assert sum(ordered) < len(products)  # 7x7 (and 14x14 on AVX2): one band
 
 
-def test_a_chains_copies_write_buffers_of_their_own_into_28x28_by_row_parts(
+def test_a_chains_copies_write_buffers_of_their_own_and_halves_by_row_parts(
     band_isa: str,
 ) -> None:
-    """The bottleneck net at 224x224: layer2's strided 3x3 conv and its downsample write
-    28x28, on AVX-512 in two bands of 14 rows, one a thread, so their layout copies go into
-    row parts (each thread copies its rows; on AVX2 the 28x28 bands are 14 of 2 rows, and
-    every copy splits by planes), and every copy writes a buffer no other copy writes; the
-    chain equals the model (``bottleneck_chain``)."""
+    """The bottleneck net at 224x224: layer2's and layer3's strided 3x3 convs and their
+    downsamples write 28x28 and 14x14, on AVX-512 in two bands (of 14 and 7 rows), one a
+    thread, so their layout copies go into row parts (each thread copies its rows; on AVX2
+    the 28x28 bands are 14 of 2 rows, 14x14 one band, and every copy splits by planes), and
+    every copy writes a buffer no other copy writes; the chain equals the model
+    (``bottleneck_chain``)."""
     _, bindings = bottleneck_chain(224)
     for binding in bindings:
         copies = [call for kind, call in binding.calls if kind == COPY_STEP]
         assert len(copies) >= 4  # layer2's and layer3's strided convs
         assert len({call[COPY_OUT] for call in copies}) == len(copies)
         in_parts = [call for call in copies if call[COPY_ROW_PARTS]]
-        assert len(in_parts) == {"avx2": 0, "avx512": 2}[band_isa]
+        assert len(in_parts) == {"avx2": 0, "avx512": 4}[band_isa]
         assert all(call[COPY_ROW_PARTS] == 2 for call in in_parts)
 
 

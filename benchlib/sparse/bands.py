@@ -60,7 +60,15 @@ from benchlib.sparse.tiling import IN_ORDER_PARTS, tile_floats, vector_floats
 
 BAND_MIN_PIXELS = 512
 """Images of fewer pixels stay in one band: 14x14 (196) and 7x7 ran no faster in bands of
-rows (above)."""
+rows (above), but for ``HALVES_MIN_PIXELS``."""
+HALVES_MIN_PIXELS = 196
+"""Images of fewer pixels than ``BAND_MIN_PIXELS`` but at least these, whose halves fit in a
+tile, are held in two bands, one a thread (``in_order``). Measured on the Zen 4 EPYC VM
+(AVX-512, 2 threads; ResNet-50 ``magnitude:0.9``, in-process A/B, alternating): 14x14 in two
+bands of 7 rows, its aligned 1x1 convs reading the bands in place (``reads_in_place``), ran
+0.952x the time end to end where the vCPUs sit on different CCDs (18.07 against 18.99 ms) and
+1.007x on one CCX (16.41 / 16.30). On AVX2 (64-float tiles) 14x14 stays one band: there its
+bands of 1, 2 or 7 rows measured 1.00-1.77x the time per 1x1 conv (above)."""
 # A band holds at most a column tile of the loaded kernels per channel (``tiling.tile_floats``:
 # 64 floats on AVX2, 128 on AVX-512), and each channel's strip starts a vector of them apart
 # (``tiling.vector_floats``: 8 or 16 floats), so that the kernels' vector loads of a strip
@@ -109,7 +117,9 @@ def bands_for(
     channel's strip is aligned to ``align`` floats (``tiling.vector_floats()`` when None); None
     (plain NCHW) where one band's planes are already. Where those bands would not split
     evenly between ``IN_ORDER_PARTS`` threads (28x28 in bands of 4 rows on AVX-512: 7), the
-    bands are ``height / IN_ORDER_PARTS`` rows instead, one a thread (``in_order``)."""
+    bands are ``height / IN_ORDER_PARTS`` rows instead, one a thread (``in_order``); so are
+    those of a smaller image of at least ``HALVES_MIN_PIXELS`` whose half fits in ``band``
+    (14x14 on AVX-512: two bands of 7 rows, 98 floats)."""
     band = tile_floats() if band is None else band
     align = vector_floats() if align is None else align
     if height * width >= BAND_MIN_PIXELS and width <= band:
@@ -117,6 +127,9 @@ def bands_for(
         if (height // rows) % IN_ORDER_PARTS and height % IN_ORDER_PARTS == 0:
             rows = height // IN_ORDER_PARTS  # one band a thread (``in_order``)
         return Bands(rows, -(-rows * width // align) * align)
+    half = height // IN_ORDER_PARTS
+    if height * width >= HALVES_MIN_PIXELS and not height % IN_ORDER_PARTS and half * width <= band:
+        return Bands(half, -(-half * width // align) * align)
     if (height * width) % align:
         return Bands(height, -(-height * width // align) * align)
     return None
@@ -186,7 +199,7 @@ def banded_product(
         source.check(shape)
     if out is not None:
         out.check(out_shape)
-    if layout.in_place:  # input and output of one size: a band of each per part
+    if reads_in_place(layer, shape, source):  # one size in and out: a band of each per part
         bands = out or source
         if bands is None:
             raise ValueError("an NCHW input and output take the layer's plan")
@@ -306,17 +319,18 @@ def layer_calls(
     ``whole_layout``: the product then reads the plan's whole layout (which a chain's writer
     makes for its stride-1 reader, ``padded_product``)."""
     split = None if whole_layout else row_parts(layer, plan, shape, source, out)
+    in_place = reads_in_place(layer, shape, source)
     if split is not None:
         assert out is not None  # (row_parts says so)
         product = _row_part_product(layer, shape, split, out)
         copy: PackedCall | None = split.copy_call(shape[0])
-    elif out is None and (plan.copy is not None or source is None):
+    elif out is None and (source is None or (plan.copy is not None and not in_place)):
         product = plan.product.copy()
     else:
         product = banded_product(layer, shape, source, out)
     if split is None:
         copy = None
-        if plan.copy is not None and not copies_as_is(layer, shape, source):
+        if plan.copy is not None and not in_place and not copies_as_is(layer, shape, source):
             copy = plan.copy.copy()
     if copy is not None:
         copy[COPY_BAND] = 0 if source is None else source.rows
@@ -343,6 +357,7 @@ def row_parts(
         plan.copy is None
         or out is None
         or out.rows * IN_ORDER_PARTS != plan.out_shape[2]
+        or reads_in_place(layer, shape, source)
         or copies_as_is(layer, shape, source)
     ):
         return None
@@ -383,6 +398,25 @@ def _row_part_product(
         layout.out_w, layer.bias, layer.ksplit(h, w), parts, in_order=True,
         shift_groups=layer.shift_groups(h, w) > 1,
     )  # fmt: skip
+
+
+def reads_in_place(layer: SparseConv2d, shape: tuple[int, ...], source: Bands | None) -> bool:
+    """Whether ``layer``'s product reads its input of ``shape``, held in ``source`` bands (None:
+    NCHW), where it lies, with no layout copy: its layout is read in place (a 1x1 conv, stride
+    1, no padding), or it is such a conv whose layout copies into aligned planes
+    (``tiling.plane_align``) and the input is in more than one band, whose strips are aligned
+    already."""
+    layout, _ = layer.layout(shape[2], shape[3])
+    if layout.in_place:
+        return True
+    return (
+        source is not None
+        and source.rows < shape[2]
+        and layer.pointwise
+        and layer.stride == (1, 1)
+        and layer.groups == 1
+        and source.stride % vector_floats() == 0
+    )
 
 
 def copies_as_is(layer: SparseConv2d, shape: tuple[int, ...], source: Bands | None) -> bool:

@@ -28,6 +28,7 @@ from benchlib.sparse import (
     sparsify,
     totals,
 )
+from benchlib.sparse.tiling import tile_floats
 from benchlib.target import DeviceKind, Precision, TargetRegistry
 from targets.cpu_sparse import CpuSparse
 
@@ -289,7 +290,9 @@ def test_every_layer_runs_sparse_at_threshold_one(tiny_model: Model) -> None:
         "chained": 2,
         "avgpools_chained": 1,  # the tiny net's head pool joins its chain
         "linears_chained": 0,  # its classifier runs sparse too: not a dense nn.Linear
-        "banded": 0,  # 16x16 images stay in one band (bands.BAND_MIN_PIXELS)
+        # 16x16 images: two bands of 8 rows where 128 floats fit a tile (AVX-512; see
+        # bands.HALVES_MIN_PIXELS), else one band (bands.BAND_MIN_PIXELS)
+        "banded": int(tile_floats() >= 128),
         "padded_planes": 0,  # whose planes of 256 floats are aligned already
         "copies_fused": 0,
     }
