@@ -1100,7 +1100,7 @@ def torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
 def test_a_strided_kxk_conv_runs_its_product_in_halves_of_output_rows_in_order(
     threads: int,
 ) -> None:

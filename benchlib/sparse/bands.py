@@ -27,6 +27,10 @@ the time of one band of 200, in bands of 2 rows (32 floats) 1.03-1.05x. The plan
 and 7x7 padded to 200 and 56 floats: their 1x1 convs 0.82-0.93x per step in the chain,
 ResNet-50 end to end 0.968x (per step), 0.973x and 0.978x (two A/B runs of 60 alternating
 rounds; a third, in a noisy minute, 0.987x), bit-identical outputs.
+
+On the Zen 4 EPYC VM, whose host at times puts the two vCPUs on different CCDs, every
+activation from 56x56 to 14x14 is held in a number of bands the threads split evenly, and the
+products run them in order (``in_order``): each thread keeps the same rows from step to step.
 """
 
 from __future__ import annotations
@@ -148,8 +152,9 @@ def in_order(parts: Parts) -> bool:
     ``magnitude:0.9`` with its 56x56 and 28x28 steps in order (28x28 in two bands of 14 rows,
     not seven of 4), in-process A/B, alternating: 0.885x the time end to end across CCDs
     (20.61 against 23.29 ms), 1.006x on one CCX (16.44 / 16.34 ms). The same for 14x14 (two
-    bands of 7 rows) ran 0.911x / 1.058x: its 1x1 convs then take a layout copy each and read
-    all the weights per thread, so 14x14 stays one band."""
+    bands of 7 rows) ran 0.911x / 1.058x while its aligned 1x1 convs took a layout copy each;
+    reading the bands in place instead (``reads_in_place``), 0.952x / 1.007x on top of the
+    rest (``HALVES_MIN_PIXELS``)."""
     return parts.count >= IN_ORDER_PARTS and parts.count % IN_ORDER_PARTS == 0
 
 

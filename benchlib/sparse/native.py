@@ -336,7 +336,8 @@ class NativeSparseMatrix(nn.Module):
         another tensor (``.to``, a new kernel). With ``parts``, ``columns`` are per part and
         the out is (images, ``parts.out_image``) floats. With ``in_order`` the threads take
         equal runs of the column tiles in order (thread t the t-th: one part each where the
-        parts are as many as the threads) instead of claiming them or splitting the rows.
+        parts are as many as the threads) instead of claiming them or splitting the rows,
+        where their number divides the parts of all images (else as without).
         Raises ValueError as ``gather``, and where a part would read or write outside its
         image.
         """

@@ -567,16 +567,17 @@ void learn_weights(const Share* shares, int parts) {
 // split the block rows by cost in proportion to the threads' learned speeds, statically (each
 // reads all of X, so every extra claim reads it again: row chunks claimed guided measured
 // 0.98x end to end). Tiny products run on one thread. in_order: thread t takes the t-th of
-// equal runs of the tiles, in order (the caller makes them equal: one part per thread), so
-// that it reads only the rows of X its part needs (see benchlib/sparse/tiling.py's
-// output_halves).
+// equal runs of the tiles, in order, so that it reads only the rows of X its part needs (see
+// benchlib/sparse/tiling.py's output_halves and bands.py's in_order): where the threads
+// divide the parts (images * parts), each takes whole parts; else the tiles are claimed or
+// the rows split as without (two parts on four threads would leave two of them idle).
 template <int R>
 void run_gather(const Problem& p, int threads) {
   constexpr int64_t TW = max_nv<R>() * V::W;
   const int64_t units = p.images * p.parts * ((p.n + TW - 1) / TW);
   const int64_t work = (p.rowptr[p.block_rows] * R + p.block_rows) * p.n * p.images * p.parts;
   if (work < kMinParallelWork) threads = 1;
-  const bool in_order = p.in_order && threads > 1;
+  const bool in_order = p.in_order && threads > 1 && (p.images * p.parts) % threads == 0;
   if (in_order || units >= kMinTilesPerThread * threads) {
     std::vector<std::vector<float>> buffers(static_cast<size_t>(threads));
     const auto tiles = [&](int64_t t, int64_t u0, int64_t u1) {
