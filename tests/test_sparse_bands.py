@@ -4,6 +4,7 @@ stride) inside a native chain."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ from benchlib.sparse.bands import (
     padded_product,
     padded_start,
     reads_in_place,
+    thread_parts,
     to_bands,
     writes_padded,
 )
@@ -53,6 +55,7 @@ from benchlib.sparse.native import (
 )
 from benchlib.sparse.tiling import TILE_VECTORS, VECTOR_FLOATS, tile_floats, vector_floats
 from tests.test_sparse_chain import chains, checked_chain, converted
+from tests.test_sparse_kernels import torch_threads
 from tests.test_sparse_modules import sparsify_weight
 
 EXACT = 1e-4
@@ -426,13 +429,54 @@ def bottleneck_chain(size: int) -> tuple[NativeChain, list[Binding]]:
 
 
 @pytest.fixture(params=["avx2", "avx512"])
-def band_isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+def band_isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """The chain's bands as they are for the AVX2 kernels (bands of 64 floats, strips 8
-    apart) or the AVX-512 ones (128, 16), whichever kernels run."""
+    apart) or the AVX-512 ones (128, 16), whichever kernels run, on two threads (the bands
+    ``thread_parts`` halves images for)."""
     tile, vector = {"avx2": (64, 8), "avx512": (128, 16)}[request.param]
     monkeypatch.setattr("benchlib.sparse.bands.tile_floats", lambda: tile)
     monkeypatch.setattr("benchlib.sparse.bands.vector_floats", lambda: vector)
-    return str(request.param)
+    with torch_threads(2):
+        yield str(request.param)
+
+
+def test_bands_halve_images_for_two_threads_only() -> None:
+    """``thread_parts``: two parts for two threads, one (the bands by the tile alone) for
+    other counts; with one part 28x28 and 14x14 keep their tile-wide bands and one band."""
+    assert [thread_parts(t) for t in (1, 2, 3, 4)] == [1, 2, 1, 1]
+    with torch_threads(1):
+        assert thread_parts() == 1
+    assert bands_for(28, 28, band=128, align=16, parts=1) == Bands(4, 112)
+    assert bands_for(14, 14, band=128, align=16, parts=1) == Bands(14, 208)
+    assert bands_for(56, 56, band=128, align=16, parts=1) == Bands(2, 112)
+
+
+def test_a_chain_bound_for_two_threads_is_bound_again_for_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The bottleneck net at 224x224 (AVX-512's bands: whichever kernels run), bound on two
+    threads with 28x28 in halves, then run on one: bound again with 28x28 in the bands of a
+    tile, equal to the model either way; back on two threads, halves again."""
+    from tests.test_sparse_chain import bottleneck_net
+
+    monkeypatch.setattr("benchlib.sparse.bands.tile_floats", lambda: 128)
+    monkeypatch.setattr("benchlib.sparse.bands.vector_floats", lambda: 16)
+
+    model = bottleneck_net()
+    graph = converted(copy.deepcopy(model))
+    [chain] = chains(graph)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.inference_mode():
+        expected = model(x)
+    seen = []
+    for threads in (2, 1, 2):
+        with torch_threads(threads), torch.inference_mode():
+            for _ in range(2):
+                assert relative_error(graph(x), expected) <= EXACT
+        [binding] = chain._bindings.values()
+        assert binding.parts == threads
+        seen.append(binding.bands)
+    assert seen[0] == seen[2] != seen[1]
 
 
 def test_a_chain_at_32x32_runs_its_layers_in_bands_and_equals_the_model(band_isa: str) -> None:

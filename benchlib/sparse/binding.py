@@ -30,6 +30,7 @@ from benchlib.sparse.bands import (
     layer_calls,
     padded_product,
     padded_start,
+    thread_parts,
     writes_padded,
 )
 from benchlib.sparse.build import PackedCall
@@ -162,8 +163,11 @@ class Binding:
         bands: list[Bands | None],
         heights: list[int],
         fused_copies: int,
+        parts: int = 1,
     ) -> None:
         self.shape, self.snapshots, self.out_shape = shape, snapshots, out_shape
+        self.parts = parts
+        """The parts its activations are banded for (``bands.thread_parts``)."""
         self.bands = bands
         """Per layer, the bands its output is held in (``bands.py``; None: NCHW)."""
         self.heights = heights
@@ -184,8 +188,11 @@ class Binding:
         return list(zip(self.bands, self.heights, strict=True))
 
     def current(self, x: torch.Tensor) -> bool:
-        """True when ``x``, every layer and the head are as when bound (and none has hooks)."""
+        """True when ``x``, every layer and the head are as when bound (and none has hooks),
+        and torch's thread count asks for the bands it was bound with (``thread_parts``)."""
         if x.shape != self.shape or x.dtype != torch.float32 or not x.is_cpu:
+            return False
+        if thread_parts() != self.parts:
             return False
         return all(snapshot.current() for snapshot in self.snapshots)
 
@@ -266,7 +273,8 @@ def bind(
             if residual.dtype != torch.float32 or not residual.is_contiguous():
                 return None
         plans.append(plan)
-    bands = _bands(layers, arguments, tensors, plans, head is not None)
+    parts = thread_parts()
+    bands = _bands(layers, arguments, tensors, plans, head is not None, parts)
     last_use = {ref: step for step, refs in enumerate(arguments) for ref in refs}
     fused = _fused_copies(layers, arguments, tensors, plans)
     readers = {reader: writer for writer, reader in fused.items()}
@@ -358,7 +366,7 @@ def bind(
     return Binding(
         tuple(x.shape), snapshots, calls, input_slots, output_slot, out_shape, buffers,
         [None if step in fused else bands[step] for step in range(len(layers))],
-        [plan.out_shape[2] for plan in plans], len(fused),
+        [plan.out_shape[2] for plan in plans], len(fused), parts,
     )  # fmt: skip
 
 
@@ -408,16 +416,19 @@ def _bands(
     tensors: list[torch.Tensor],
     plans: list[GatherPlan],
     head: bool,
+    parts: int,
 ) -> dict[int, Bands | None]:
     """The bands each step's output is held in inside the chain (``bands.bands_for`` of its
-    size; None: NCHW), and None for the chain's input (``CHAIN_INPUT``). NCHW as well: the
-    last step's output where the chain returns it, or, read by a ``head``, where it is in more
-    than one band; and both a residual and the output it is added to wherever either is NCHW
-    or the layer cannot add it to bands (the residual is laid out as the output)."""
+    size, for ``parts``; None: NCHW), and None for the chain's input (``CHAIN_INPUT``). NCHW
+    as well: the last step's output where the chain returns it, or, read by a ``head``, where
+    it is in more than one band; and both a residual and the output it is added to wherever
+    either is NCHW or the layer cannot add it to bands (the residual is laid out as the
+    output)."""
     bands: dict[int, Bands | None] = {CHAIN_INPUT: None}
     last = len(plans) - 1
     for step, plan in enumerate(plans):
-        bands[step] = bands_for(*plan.out_shape[2:])
+        _, _, height, width = plan.out_shape
+        bands[step] = bands_for(height, width, parts=parts)
     held = bands[last]
     if not head or (held is not None and held.rows != plans[last].out_shape[2]):
         bands[last] = None

@@ -31,6 +31,7 @@ from benchlib.sparse import (
 from benchlib.sparse.tiling import tile_floats
 from benchlib.target import DeviceKind, Precision, TargetRegistry
 from targets.cpu_sparse import CpuSparse
+from tests.test_sparse_kernels import torch_threads
 
 EXACT = 1e-4
 NATIVE = not isinstance(load_library(), NativeUnavailable)
@@ -274,13 +275,14 @@ def test_a_magnitude_pruned_model_equals_eager(tiny_model: Model) -> None:
 
 
 def test_every_layer_runs_sparse_at_threshold_one(tiny_model: Model) -> None:
-    prepared = CpuSparse(threshold=1.0, timed=False).prepare(
-        tiny_model.module, (tiny_model.example_input(1),), torch.device("cpu"), Precision.FP32
-    )
-    with torch.no_grad():
-        expected = tiny_model.module(tiny_model.example_input(1))
-    for _ in range(3):  # the first call binds the chain of two convs, the next run it natively
-        assert relative_error(prepared.run(), expected) <= EXACT
+    with torch_threads(2):
+        prepared = CpuSparse(threshold=1.0, timed=False).prepare(
+            tiny_model.module, (tiny_model.example_input(1),), torch.device("cpu"), Precision.FP32
+        )
+        with torch.no_grad():
+            expected = tiny_model.module(tiny_model.example_input(1))
+        for _ in range(3):  # the first call binds the chain of two convs, the next run it
+            assert relative_error(prepared.run(), expected) <= EXACT  # natively
     assert prepared.info["sparse_layers"] == 3
     assert prepared.info["fusion"] == {
         "batchnorm_folded": 1,
@@ -290,8 +292,8 @@ def test_every_layer_runs_sparse_at_threshold_one(tiny_model: Model) -> None:
         "chained": 2,
         "avgpools_chained": 1,  # the tiny net's head pool joins its chain
         "linears_chained": 0,  # its classifier runs sparse too: not a dense nn.Linear
-        # 16x16 images: two bands of 8 rows where 128 floats fit a tile (AVX-512; see
-        # bands.HALVES_MIN_PIXELS), else one band (bands.BAND_MIN_PIXELS)
+        # 16x16 images: two bands of 8 rows where 128 floats fit a tile (AVX-512, two
+        # threads; see bands.HALVES_MIN_PIXELS), else one band (bands.BAND_MIN_PIXELS)
         "banded": int(tile_floats() >= 128),
         "padded_planes": 0,  # whose planes of 256 floats are aligned already
         "copies_fused": 0,
