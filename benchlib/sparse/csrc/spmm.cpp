@@ -625,7 +625,17 @@ void run_gather(const Problem& p, int threads) {
 // x by a gather; AVX2 by eight scalar loads assembled into the vector (set_ps), as AVX2's
 // vgatherdps is microcoded on AMD's cores: on the Zen 3 EPYC, 2048 -> 1000 at batch 1, one
 // thread, set_ps took 0.64-0.66x the time of the gather at 90% and 50% sparsity (a
-// standalone A/B of the two loops; plain scalar code took 0.84-0.89x).
+// standalone A/B of the two loops; plain scalar code took 0.84-0.89x). AMD's AVX-512 gather
+// is no faster: compiled for a Zen core (-march=native defines __znverN__), the AVX-512 build
+// takes the AVX2 loop too. On the Zen 4 EPYC VM, 2048 -> 1000 at 90%, batch 1: one thread
+// 72 us against 88 with the gather; `benchmarks/sparse_kernels.py` 39-43 us against 47-57
+// (2 threads), 3.44-3.64x dense against 3.04-3.17x.
+#if defined(__znver1__) || defined(__znver2__) || defined(__znver3__) || \
+    defined(__znver4__) || defined(__znver5__)
+#define BENCHLIB_SLOW_GATHER 1
+#else
+#define BENCHLIB_SLOW_GATHER 0
+#endif
 template <int R>
 void rows_range(const Problem& p, int64_t i0, int64_t i1) {
   const int32_t* off = p.off;
@@ -636,7 +646,7 @@ void rows_range(const Problem& p, int64_t i0, int64_t i1) {
       const float* x = p.x + b * p.x_image;
       float s[4][R] = {};
       int64_t j = begin;
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && !BENCHLIB_SLOW_GATHER
       if (R == 1) {  // 16 entries at a time: one gather of x, one FMA
         __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
                        _mm512_setzero_ps()};
