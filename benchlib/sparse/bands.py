@@ -369,7 +369,7 @@ def row_parts(
     ``shape`` in ``source`` bands) into for an output in ``out`` bands, or None (the plan's
     whole layout): where the layer takes a copy (a strided conv: a chain's stride-1 kxk convs
     read the padded images their writers make) and its output is one band a thread
-    (``IN_ORDER_PARTS`` bands: 28x28 behind ResNet-50's first strided convs). Each thread then
+    (``IN_ORDER_PARTS`` bands: 28x28 and 14x14 behind ResNet-50's strided convs). Each thread then
     copies the rows of its part (of an input whose rows it wrote, one step before, in order)
     and reads them back, instead of each copying half of the channels that its product then
     reads in full."""
