@@ -994,7 +994,8 @@ def test_the_native_layout_copy_of_any_shape_writes_exactly_its_planes(
     if band:
         source = to_bands(x, Bands(band, strip))
         source[..., band * width :] = float("nan")
-    split = RowParts.of(layout, row_parts) if row_parts and layout.out_h % row_parts == 0 else None
+    fits = row_parts and (layout.out_h % row_parts == 0 or row_parts == 2 <= layout.out_h)
+    split = RowParts.of(layout, row_parts) if fits else None
     floats, plane = (layout.floats, layout.plane) if split is None else (split.floats, split.plane)
     guarded = torch.full((2 * floats + 64,), float("nan"))
     library = load_library()
@@ -1003,7 +1004,7 @@ def test_the_native_layout_copy_of_any_shape_writes_exactly_its_planes(
         source.data_ptr(), 2, channels, height, width, layout._phase_table.data_ptr(),
         len(layout.phases), stride, stride, padding[0], padding[2], layout.phase_h,
         layout.phase_w, plane, guarded.data_ptr(), threads, band, strip,
-        *((0, 0, 0) if split is None else (split.rows, split.count, split.span)),
+        *((0, 0, 0) if split is None else (split.part_step, split.count, split.span)),
     )  # fmt: skip
     with mock.patch("benchlib.sparse.direct.load_library", lambda: NativeUnavailable("test")):
         expected = layout.source(x)  # by torch ops
@@ -1022,10 +1023,11 @@ def _row_parts_of(source: torch.Tensor, split: RowParts) -> torch.Tensor:
     rows = planes[..., : layout.phase_h * layout.phase_w].reshape(
         images, phases, channels, layout.phase_h, layout.phase_w
     )
-    below = max(0, (split.count - 1) * split.rows + split.span - layout.phase_h)
+    step = split.part_step
+    below = max(0, (split.count - 1) * step + split.span - layout.phase_h)
     rows = F.pad(rows, (0, 0, 0, below))
     parts = torch.stack(
-        [rows[..., k * split.rows : k * split.rows + split.span, :] for k in range(split.count)], 1
+        [rows[..., k * step : k * step + split.span, :] for k in range(split.count)], 1
     ).reshape(images, split.count, phases, channels, -1)
     return F.pad(parts, (0, split.plane - parts.shape[-1])).reshape(images, -1)
 
@@ -1054,6 +1056,50 @@ def test_row_parts_split_the_copy_between_two_threads_and_match_the_whole_conv()
         plan = sparse.gather_plan(x)
     assert plan is not None and plan.alone is not None
     assert plan.alone.source_floats == split.floats and plan.source_floats == layout.floats
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+def test_a_strided_conv_of_odd_output_rows_runs_alone_in_two_parts_sharing_a_row(
+    threads: int,
+) -> None:
+    """A strided 3x3 conv of 7 output rows (3x3/2 @14, 13) runs alone in two row parts of 4
+    rows, 3 apart: both compute the middle row. Its copy equals the whole layout's rows per
+    part, and the conv equals the dense one at batches 1 and 2, on any thread count, with a
+    ReLU and a residual. A stride-1 conv of 7 rows keeps the whole layout, and 3 parts of 7
+    rows are refused."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(24, 20, 3, 2, 1).eval()
+    sparsify_weight(conv, 0.8, 0, "none")
+    sparse = SparseConv2d.from_dense(conv, NativeSparseMatrix)
+    with torch_threads(threads):
+        for size in (14, 13):
+            layout, _ = sparse.layout(size, size)
+            split = RowParts.of(layout, 2)
+            assert (split.rows, split.part_step, split.span) == (4, 3, 5)
+            for batch in (1, 2):
+                x = torch.randn(batch, 24, size, size)
+                residual = torch.randn(batch, 20, 7, 7)
+                with torch.no_grad():
+                    sparse.relu = False
+                    assert relative_error(sparse(x), conv(x)) <= EXACT
+                    sparse.relu = True
+                    got = sparse(x, residual)
+                    assert relative_error(got, (conv(x) + residual).relu()) <= EXACT
+                plan = sparse._plans[x.shape]
+                assert plan.alone is not None and plan.alone.source_floats == split.floats
+            copy = split.copy_call(1)
+            x = torch.randn(1, 24, size, size)
+            out = torch.full((split.floats,), float("nan"))
+            copy[COPY_SOURCE], copy[COPY_OUT], copy[COPY_THREADS] = x.data_ptr(), out.data_ptr(), 2
+            copy()
+            with mock.patch("benchlib.sparse.direct.load_library", lambda: NativeUnavailable("t")):
+                expected = _row_parts_of(layout.source(x), split)
+            assert torch.equal(out.reshape(1, -1), expected)
+    flat = SparseConv2d.from_dense(nn.Conv2d(24, 20, 3, 1, 1), NativeSparseMatrix)
+    plan = flat.gather_plan(torch.randn(1, 24, 7, 7))
+    assert plan is not None and plan.alone is None
+    with pytest.raises(ValueError, match="7 output rows do not split into 3 parts"):
+        RowParts.of(flat.layout(7, 7)[0], 3)
 
 
 def test_a_strided_kxk_conv_reads_vector_aligned_rows_where_that_widens_them_little(

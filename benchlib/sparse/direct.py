@@ -259,18 +259,29 @@ class RowParts:
     rows: int
     span: int
     plane: int
+    step: int = 0
+    """Output rows from one part's first to the next's: ``rows`` (0 counts as ``rows``), or
+    fewer where the parts overlap (two parts of an odd number of rows: 7 as 0-3 and 3-6)."""
 
     @classmethod
     def of(cls, layout: ConvLayout, count: int) -> RowParts:
-        """``layout`` in ``count`` parts. Raises ValueError unless its output rows split into
-        ``count`` equal parts."""
-        if count < 1 or layout.out_h % count:
-            raise ValueError(f"{layout.out_h} output rows do not split into {count} parts")
-        rows = layout.out_h // count
+        """``layout`` in ``count`` parts of equal rows, or, for two parts of an odd number of
+        rows, two that share the middle row (both compute it, to the same values). Raises
+        ValueError for other counts that do not divide the output rows."""
+        out_h = layout.out_h
+        if count < 1 or (out_h % count and count != 2) or out_h < count:
+            raise ValueError(f"{out_h} output rows do not split into {count} parts")
+        rows = -(-out_h // count)
+        step = rows if out_h % count == 0 else out_h - rows
         halo = (layout.kernel_size[0] - 1) * layout.dilation[0] // layout.stride[0]
         span = rows + halo
         plane = -(-span * layout.phase_w // ALIGN) * ALIGN
-        return cls(layout, count, rows, span, plane)
+        return cls(layout, count, rows, span, plane, step)
+
+    @property
+    def part_step(self) -> int:
+        """Output rows from one part's first to the next's."""
+        return self.step or self.rows
 
     @property
     def part_floats(self) -> int:
@@ -300,6 +311,6 @@ class RowParts:
         call = self.layout.copy_call(images)
         call[COPY_PLANE] = self.plane
         call[COPY_PART_ROWS], call[COPY_ROW_PARTS], call[COPY_PART_SPAN] = (
-            self.rows, self.count, self.span,
+            self.part_step, self.count, self.span,
         )  # fmt: skip
         return call

@@ -287,7 +287,8 @@ int benchlib_max_pool2d(const float* x, int64_t planes, int64_t height, int64_t 
 // (row, col) origins. The threads split the planes.
 //
 // Row parts (part_rows > 0, row_parts > 0, 0 < part_span, part_span * phase_w <= plane): the
-// source of a product run in order over row_parts parts of part_rows output rows each
+// source of a product run in order over row_parts parts, part_rows output rows apart (two
+// parts of an odd number of rows overlap by one: their span counts one row more)
 // (spmm.cpp's in_order, parts part_floats = phase_count * channels * plane apart, per image
 // row_parts of them): part k holds the part_span phase rows from k * part_rows of every plane
 // (its rows and the halo the kernel reads below them, copied into both parts), as
