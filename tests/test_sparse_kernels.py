@@ -1032,6 +1032,18 @@ def _row_parts_of(source: torch.Tensor, split: RowParts) -> torch.Tensor:
     return F.pad(parts, (0, split.plane - parts.shape[-1])).reshape(images, -1)
 
 
+def _check_row_part_copy(split: RowParts, x: torch.Tensor) -> None:
+    """The native copy of the one image ``x`` into ``split``, on two threads, equals the whole
+    layout's rows per part (``_row_parts_of``, by torch ops)."""
+    copy = split.copy_call(1)
+    out = torch.full((split.floats,), float("nan"))
+    copy[COPY_SOURCE], copy[COPY_OUT], copy[COPY_THREADS] = x.data_ptr(), out.data_ptr(), 2
+    copy()
+    with mock.patch("benchlib.sparse.direct.load_library", lambda: NativeUnavailable("test")):
+        expected = _row_parts_of(split.layout.source(x), split)
+    assert torch.equal(out.reshape(1, -1), expected)
+
+
 def test_row_parts_split_the_copy_between_two_threads_and_match_the_whole_conv() -> None:
     """A strided 3x3 conv large enough for two threads: its copy into two row parts equals
     the whole layout's rows per part (the halo row in both), and the conv, whose product then
@@ -1044,13 +1056,7 @@ def test_row_parts_split_the_copy_between_two_threads_and_match_the_whole_conv()
     layout, _ = sparse.layout(28, 28)
     split = RowParts.of(layout, 2)
     assert (split.rows, split.span) == (7, 8)
-    copy = split.copy_call(1)
-    out = torch.full((split.floats,), float("nan"))
-    copy[COPY_SOURCE], copy[COPY_OUT], copy[COPY_THREADS] = x.data_ptr(), out.data_ptr(), 2
-    copy()
-    with mock.patch("benchlib.sparse.direct.load_library", lambda: NativeUnavailable("test")):
-        expected = _row_parts_of(layout.source(x), split)
-    assert torch.equal(out.reshape(1, -1), expected)
+    _check_row_part_copy(split, x)
     with torch.no_grad():
         assert relative_error(sparse(x), conv(x)) <= EXACT
         plan = sparse.gather_plan(x)
@@ -1087,14 +1093,7 @@ def test_a_strided_conv_of_odd_output_rows_runs_alone_in_two_parts_sharing_a_row
                     assert relative_error(got, (conv(x) + residual).relu()) <= EXACT
                 plan = sparse._plans[x.shape]
                 assert plan.alone is not None and plan.alone.source_floats == split.floats
-            copy = split.copy_call(1)
-            x = torch.randn(1, 24, size, size)
-            out = torch.full((split.floats,), float("nan"))
-            copy[COPY_SOURCE], copy[COPY_OUT], copy[COPY_THREADS] = x.data_ptr(), out.data_ptr(), 2
-            copy()
-            with mock.patch("benchlib.sparse.direct.load_library", lambda: NativeUnavailable("t")):
-                expected = _row_parts_of(layout.source(x), split)
-            assert torch.equal(out.reshape(1, -1), expected)
+            _check_row_part_copy(split, torch.randn(1, 24, size, size))
     flat = SparseConv2d.from_dense(nn.Conv2d(24, 20, 3, 1, 1), NativeSparseMatrix)
     plan = flat.gather_plan(torch.randn(1, 24, 7, 7))
     assert plan is not None and plan.alone is None
