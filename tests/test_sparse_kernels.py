@@ -1004,7 +1004,7 @@ def test_the_native_layout_copy_of_any_shape_writes_exactly_its_planes(
         source.data_ptr(), 2, channels, height, width, layout._phase_table.data_ptr(),
         len(layout.phases), stride, stride, padding[0], padding[2], layout.phase_h,
         layout.phase_w, plane, guarded.data_ptr(), threads, band, strip,
-        *((0, 0, 0) if split is None else (split.part_step, split.count, split.span)),
+        *((0, 0, 0) if split is None else (split.step, split.count, split.span)),
     )  # fmt: skip
     with mock.patch("benchlib.sparse.direct.load_library", lambda: NativeUnavailable("test")):
         expected = layout.source(x)  # by torch ops
@@ -1023,7 +1023,7 @@ def _row_parts_of(source: torch.Tensor, split: RowParts) -> torch.Tensor:
     rows = planes[..., : layout.phase_h * layout.phase_w].reshape(
         images, phases, channels, layout.phase_h, layout.phase_w
     )
-    step = split.part_step
+    step = split.step
     below = max(0, (split.count - 1) * step + split.span - layout.phase_h)
     rows = F.pad(rows, (0, 0, 0, below))
     parts = torch.stack(
@@ -1081,7 +1081,7 @@ def test_a_strided_conv_of_odd_output_rows_runs_alone_in_two_parts_sharing_a_row
         for size in (14, 13):
             layout, _ = sparse.layout(size, size)
             split = RowParts.of(layout, 2)
-            assert (split.rows, split.part_step, split.span) == (4, 3, 5)
+            assert (split.rows, split.step, split.span) == (4, 3, 5)
             for batch in (1, 2):
                 x = torch.randn(batch, 24, size, size)
                 residual = torch.randn(batch, 20, 7, 7)

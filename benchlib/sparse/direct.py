@@ -259,9 +259,9 @@ class RowParts:
     rows: int
     span: int
     plane: int
-    step: int = 0
-    """Output rows from one part's first to the next's: ``rows`` (0 counts as ``rows``), or
-    fewer where the parts overlap (two parts of an odd number of rows: 7 as 0-3 and 3-6)."""
+    step: int
+    """Output rows from one part's first to the next's: ``rows``, or fewer where the parts
+    overlap (two parts of an odd number of rows: 7 as 0-3 and 3-6)."""
 
     @classmethod
     def of(cls, layout: ConvLayout, count: int) -> RowParts:
@@ -277,11 +277,6 @@ class RowParts:
         span = rows + halo
         plane = -(-span * layout.phase_w // ALIGN) * ALIGN
         return cls(layout, count, rows, span, plane, step)
-
-    @property
-    def part_step(self) -> int:
-        """Output rows from one part's first to the next's."""
-        return self.step or self.rows
 
     @property
     def part_floats(self) -> int:
@@ -311,6 +306,6 @@ class RowParts:
         call = self.layout.copy_call(images)
         call[COPY_PLANE] = self.plane
         call[COPY_PART_ROWS], call[COPY_ROW_PARTS], call[COPY_PART_SPAN] = (
-            self.part_step, self.count, self.span,
+            self.step, self.count, self.span,
         )  # fmt: skip
         return call
