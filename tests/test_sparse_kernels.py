@@ -43,8 +43,11 @@ from benchlib.sparse.build import build, cache_dir, compiler
 from benchlib.sparse.direct import ALIGN, COPY_OUT, COPY_SOURCE, COPY_THREADS, RowParts
 from benchlib.sparse.native import (
     GATHER_IN_ORDER,
+    GATHER_OUT,
     GATHER_PARTS,
     GATHER_SHIFTS,
+    GATHER_SOURCE,
+    GATHER_THREADS,
     SHIFT_VECTOR,
     ColumnBlocks,
 )
@@ -1071,8 +1074,8 @@ def test_a_strided_conv_of_odd_output_rows_runs_alone_in_two_parts_sharing_a_row
     """A strided 3x3 conv of 7 output rows (3x3/2 @14, 13) runs alone in two row parts of 4
     rows, 3 apart: both compute the middle row. Its copy equals the whole layout's rows per
     part, and the conv equals the dense one at batches 1 and 2, on any thread count, with a
-    ReLU and a residual. A stride-1 conv of 7 rows keeps the whole layout, and 3 parts of 7
-    rows are refused."""
+    ReLU and a residual. A stride-1 conv of 7 rows is not split in row parts (it runs alone
+    in copies: see the test below), and 3 parts of 7 rows are refused."""
     torch.manual_seed(0)
     conv = nn.Conv2d(24, 20, 3, 2, 1).eval()
     sparsify_weight(conv, 0.8, 0, "none")
@@ -1095,10 +1098,88 @@ def test_a_strided_conv_of_odd_output_rows_runs_alone_in_two_parts_sharing_a_row
                 assert plan.alone is not None and plan.alone.source_floats == split.floats
             _check_row_part_copy(split, torch.randn(1, 24, size, size))
     flat = SparseConv2d.from_dense(nn.Conv2d(24, 20, 3, 1, 1), NativeSparseMatrix)
-    plan = flat.gather_plan(torch.randn(1, 24, 7, 7))
-    assert plan is not None and plan.alone is None
+    with torch_threads(threads):
+        plan = flat.gather_plan(torch.randn(1, 24, 7, 7))
+    assert plan is not None and (plan.alone is None or plan.alone.threads == 2)
     with pytest.raises(ValueError, match="7 output rows do not split into 3 parts"):
         RowParts.of(flat.layout(7, 7)[0], 3)
+
+
+@pytest.mark.parametrize(
+    ("cin", "cout", "kernel", "stride", "size"), [(24, 20, 3, 1, 7), (16, 24, 1, 2, 13)]
+)
+def test_a_conv_not_in_row_parts_runs_alone_in_one_copy_a_thread_on_two_threads(
+    cin: int, cout: int, kernel: int, stride: int, size: int
+) -> None:
+    """A conv run by itself on a layout copy that is not split in row parts (a stride-1 3x3
+    of 7 output rows, a strided 1x1) copies its input once a thread on two threads: the
+    copies each equal the whole layout, and the conv equals the dense one at batches 1 and 2,
+    with a ReLU and a residual. On one or three threads it reads the one layout."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, kernel, stride, kernel // 2).eval()
+    sparsify_weight(conv, 0.8, 0, "none")
+    sparse = SparseConv2d.from_dense(conv, NativeSparseMatrix)
+    layout, _ = sparse.layout(size, size)
+    copies = RowParts.copies(layout, 2)
+    assert (copies.step, copies.rows, copies.columns) == (0, layout.out_h, layout.columns)
+    _check_row_part_copy(copies, torch.randn(1, cin, size, size))
+    for threads in (2, 1, 3):
+        sparse._plans.clear()
+        with torch_threads(threads):
+            for batch in (1, 2):
+                x = torch.randn(batch, cin, size, size)
+                residual = torch.randn(batch, cout, layout.out_h, layout.out_w)
+                with torch.no_grad():
+                    sparse.relu = False
+                    assert relative_error(sparse(x), conv(x)) <= EXACT
+                    sparse.relu = True
+                    got = sparse(x, residual)
+                    assert relative_error(got, (conv(x) + residual).relu()) <= EXACT
+                plan = sparse._plans[x.shape]
+                if threads == 2:
+                    assert plan.alone is not None and plan.alone.threads == 2
+                    assert plan.alone.source_floats == 2 * copies.part_floats
+                else:
+                    assert plan.alone is None
+    with pytest.raises(ValueError, match="0 copies: need at least 1"):
+        RowParts.copies(layout, 0)
+
+
+def test_each_thread_of_a_row_split_reads_its_own_copy() -> None:
+    """With copies, thread t reads copy t: a source whose second copy is twice the first
+    gives the first row (thread 0's) the product with the first copy and the last row (thread
+    1's) twice that on two threads; on one thread every row reads the first copy."""
+    torch.manual_seed(0)
+    n = 64
+    weight = torch.randn(64, 64)
+    matrix = NativeSparseMatrix(weight)
+    offsets = (matrix.col.long() * n).to(torch.int32)
+    floats = 64 * n
+    call = matrix.gather_call(offsets, 2 * floats, 1, n, n, n, None, copies=2, copy_floats=floats)
+    x = torch.randn(64, n)
+    source = torch.cat([x.flatten(), 2 * x.flatten()]).reshape(1, -1)
+    expected = weight @ x
+    for threads, last in ((2, 2.0), (1, 1.0)):
+        out = torch.full((1, 64, n), float("nan"))
+        call[GATHER_SOURCE], call[GATHER_OUT], call[GATHER_THREADS] = (
+            source.data_ptr(), out.data_ptr(), threads,
+        )  # fmt: skip
+        assert call() == 0
+        assert relative_error(out[0, 0], expected[0]) <= EXACT
+        assert relative_error(out[0, -1], last * expected[-1]) <= EXACT
+
+
+def test_gather_call_refuses_copies_that_leave_the_source() -> None:
+    """``gather_call`` checks its copies: a copy the offsets read past, or copies that do not
+    fit the source, are refused with the numbers."""
+    matrix = NativeSparseMatrix(torch.eye(4))
+    offsets = torch.tensor([0, 10, 20, 30], dtype=torch.int32)
+    call = matrix.gather_call(offsets, 80, 1, 8, 8, 8, None, copies=2, copy_floats=40)
+    assert call is not None
+    with pytest.raises(ValueError, match="2 copies of 40 floats do not fit"):
+        matrix.gather_call(offsets, 79, 1, 8, 8, 8, None, copies=2, copy_floats=40)
+    with pytest.raises(ValueError, match="reading 38 floats of each"):
+        matrix.gather_call(offsets, 80, 1, 8, 8, 8, None, copies=2, copy_floats=37)
 
 
 def test_a_strided_kxk_conv_reads_vector_aligned_rows_where_that_widens_them_little(

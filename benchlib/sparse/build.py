@@ -196,7 +196,7 @@ def _compile(cxx: str, target: Path) -> None:
 
 
 SIGNATURES = {
-    "benchlib_spmm_gather": "pppp ii p iiiii p ii n p p i n iiiii p i",
+    "benchlib_spmm_gather": "pppp ii p iiiii p ii n p p i n iiiii p i ii",
     "benchlib_spmm_rows": "pppp ii p ii p i n n",
     "benchlib_conv_layout": "p iiii p iiiiiiii p n iiiii",
     "benchlib_max_pool2d": "p iii p iiiiiiiiii n n",

@@ -247,12 +247,12 @@ def _entry_offsets(
 @dataclass(frozen=True)
 class RowParts:
     """A layout's source split into ``count`` parts of ``rows`` output rows each, stored apart:
-    part k holds, of every phase image, the ``span`` phase rows from row ``k * rows`` (the
+    part k holds, of every phase image, the ``span`` phase rows from row ``k * step`` (the
     rows its outputs read: its own and the halo below, which the next part holds too), as
     (images, count, phases, channels, ``plane``) floats. A product run in order over the
     parts (``gather_call``'s ``in_order``, one part a thread) then reads one contiguous run
     that its own thread wrote (``benchlib_conv_layout``'s row parts). Construct with
-    ``RowParts.of``."""
+    ``RowParts.of``, or ``RowParts.copies`` for parts that each hold every row."""
 
     layout: ConvLayout
     count: int
@@ -261,7 +261,7 @@ class RowParts:
     plane: int
     step: int
     """Output rows from one part's first to the next's: ``rows``, or fewer where the parts
-    overlap (two parts of an odd number of rows: 7 as 0-3 and 3-6)."""
+    overlap (two parts of an odd number of rows: 7 as 0-3 and 3-6); 0 for copies."""
 
     @classmethod
     def of(cls, layout: ConvLayout, count: int) -> RowParts:
@@ -277,6 +277,18 @@ class RowParts:
         span = rows + halo
         plane = -(-span * layout.phase_w // ALIGN) * ALIGN
         return cls(layout, count, rows, span, plane, step)
+
+    @classmethod
+    def copies(cls, layout: ConvLayout, count: int) -> RowParts:
+        """``count`` parts that each hold the whole layout, one a thread: a product that splits
+        its block rows, each thread reading all of its source, then has each read a copy that
+        it wrote itself (``gather_call``'s ``copies``). Raises ValueError for count < 1."""
+        if count < 1:
+            raise ValueError(f"{count} copies: need at least 1")
+        halo = (layout.kernel_size[0] - 1) * layout.dilation[0] // layout.stride[0]
+        span = layout.out_h + halo
+        plane = -(-span * layout.phase_w // ALIGN) * ALIGN
+        return cls(layout, count, layout.out_h, span, plane, 0)
 
     @property
     def part_floats(self) -> int:

@@ -306,7 +306,7 @@ class NativeSparseMatrix(nn.Module):
             None if residual is None else residual.data_ptr(),
             None if ksplit is None else ksplit.bounds.data_ptr(),
             0 if ksplit is None else ksplit.blocks,
-            torch.get_num_threads(), 1, 0, 0, 0, 0, None, 0,
+            torch.get_num_threads(), 1, 0, 0, 0, 0, None, 0, 1, 0,
         )  # fmt: skip
         if status:
             raise ValueError(f"the native kernel refused its operands (status {status})")
@@ -325,6 +325,8 @@ class NativeSparseMatrix(nn.Module):
         parts: Parts | None = None,
         in_order: bool = False,
         shift_groups: bool = False,
+        copies: int = 1,
+        copy_floats: int = 0,
     ) -> PackedCall:
         """``gather`` for one geometry as a ``PackedCall``, its operands checked once (as
         ``gather`` checks them): per call the caller sets ``GATHER_SOURCE`` and ``GATHER_OUT``
@@ -337,9 +339,11 @@ class NativeSparseMatrix(nn.Module):
         the out is (images, ``parts.out_image``) floats. With ``in_order`` the threads take
         equal runs of the column tiles in order (thread t the t-th: one part each where the
         parts are as many as the threads) instead of claiming them or splitting the rows,
-        where their number divides the parts of all images (else as without).
-        Raises ValueError as ``gather``, and where a part would read or write outside its
-        image.
+        where their number divides the parts of all images (else as without). With ``copies``
+        > 1 the source holds that many copies of its operand, ``copy_floats`` apart within each
+        image, and thread t reads copy t % copies (``direct.RowParts.copies``).
+        Raises ValueError as ``gather``, where a part would read or write outside its image,
+        and where a copy would read outside its floats or the copies leave the source.
         """
         rows_out = -(-columns // pitch) if columns > 0 and pitch > 0 else 0
         plane = rows_out * row_length
@@ -350,6 +354,7 @@ class NativeSparseMatrix(nn.Module):
         else:
             self._check_parts(offsets, source_floats, columns, pitch, row_length, parts)
         self._check_bias(bias)
+        self._check_copies(offsets, source_floats, columns, copies, copy_floats)
         values = self.values
         if ksplit is not None:
             self._check_ksplit(ksplit)
@@ -370,7 +375,7 @@ class NativeSparseMatrix(nn.Module):
             0 if ksplit is None else ksplit.blocks, 1, parts.count, parts.source_step,
             parts.out_step, parts.out_pitch, int(in_order),
             None if groups is None else groups.bounds.data_ptr(),
-            0 if groups is None else groups.shifts,
+            0 if groups is None else groups.shifts, copies, copy_floats,
         )  # fmt: skip
         keep = (self.rowptr, offsets, values, bias, ksplit, groups)
         return PackedCall(library().gather_packed, args, keep)
@@ -415,6 +420,20 @@ class NativeSparseMatrix(nn.Module):
                 f"gather parts do not fit {self.name} {self.shape}: {parts}, {columns} "
                 f"columns (pitch {pitch}, row length {row_length}) on a {source_floats}-float "
                 f"source, {offsets.numel()} {offsets.dtype} offsets for {self.entries} entries"
+            )
+
+    def _check_copies(
+        self, offsets: torch.Tensor, source_floats: int, columns: int, copies: int, floats: int
+    ) -> None:
+        """``gather_call``'s checks of ``copies``: at least one; more only where each copy's
+        reads stay inside its ``floats`` and the copies inside the source."""
+        if copies == 1:
+            return
+        last_read = (int(offsets.max()) if offsets.numel() else 0) + columns
+        if copies < 1 or floats <= 0 or copies * floats > source_floats or last_read > floats:
+            raise ValueError(
+                f"{copies} copies of {floats} floats do not fit {self.name} {self.shape} on a "
+                f"{source_floats}-float source reading {last_read} floats of each"
             )
 
     def _check_ksplit(self, ksplit: ColumnBlocks) -> None:

@@ -286,9 +286,10 @@ int benchlib_max_pool2d(const float* x, int64_t planes, int64_t height, int64_t 
 // band `stride` floats apart (0: band * width; else at least that); phases holds phase_count
 // (row, col) origins. The threads split the planes.
 //
-// Row parts (part_rows > 0, row_parts > 0, 0 < part_span, part_span * phase_w <= plane): the
+// Row parts (part_rows >= 0, row_parts > 0, 0 < part_span, part_span * phase_w <= plane): the
 // source of a product run in order over row_parts parts, part_rows output rows apart (two
-// parts of an odd number of rows overlap by one: their span counts one row more)
+// parts of an odd number of rows overlap by one: their span counts one row more; part_rows
+// 0 makes every part a whole copy, one a thread: spmm.cpp's copy_of)
 // (spmm.cpp's in_order, parts part_floats = phase_count * channels * plane apart, per image
 // row_parts of them): part k holds the part_span phase rows from k * part_rows of every plane
 // (its rows and the halo the kernel reads below them, copied into both parts), as
@@ -313,7 +314,7 @@ int benchlib_conv_layout(const float* x, int64_t images, int64_t channels, int64
   for (int64_t p = 0; p < phase_count; ++p)
     spans.push_back(phase_span(phases[2 * p], phases[2 * p + 1], height, width, sh, sw, top,
                                left, phase_h, phase_w));
-  if (part_rows > 0 && row_parts > 0 && part_span > 0 && part_span * phase_w <= plane) {
+  if (part_rows >= 0 && row_parts > 0 && part_span > 0 && part_span * phase_w <= plane) {
     parallel_rows(row_parts, work * row_parts < 32768 ? 1 : threads,
                   [&](int64_t t, int64_t parts) {
       for (int64_t k = row_parts * t / parts; k < row_parts * (t + 1) / parts; ++k)

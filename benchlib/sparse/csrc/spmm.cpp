@@ -111,7 +111,21 @@ struct Problem {
   bool in_order;   // threads take equal runs of the column tiles, in order (see run_gather)
   const int32_t* groups;  // null, or per segment its shift groups' shifts + 1 bounds (below)
   int64_t shifts;         // shift groups per segment (1-4)
+  int64_t x_copies;       // copies of X, one per thread (1: the threads share X; see copy_of)
+  int64_t x_copy;         // floats between the copies of X
 };
+
+// The problem as thread t runs it: reading copy t % x_copies of X. A conv run by itself
+// copies its input into its zero-padded layout just before the product (benchlib/sparse/
+// direct.py's RowParts.copies); where the product splits the block rows, each thread reads
+// all of that copy, and one copy written half by each thread moves half of it to the other
+// core's cache, then back when the next call writes it. Each thread writing and reading a
+// copy of its own moves nothing.
+inline Problem copy_of(const Problem& p, int64_t t) {
+  Problem own = p;
+  if (p.x_copies > 1) own.x = p.x + (t % p.x_copies) * p.x_copy;
+  return own;
+}
 
 // The vectors of a tile: vector v starts at column v * W. With a tail (a tile of cols not a
 // multiple of W) the last vector starts at cols - W instead, overlapping the one before it:
@@ -581,7 +595,7 @@ void run_gather(const Problem& p, int threads) {
   if (in_order || units >= kMinTilesPerThread * threads) {
     std::vector<std::vector<float>> buffers(static_cast<size_t>(threads));
     const auto tiles = [&](int64_t t, int64_t u0, int64_t u1) {
-      block_rows<R>(p, 0, p.block_rows, u0, u1, buffers[static_cast<size_t>(t)]);
+      block_rows<R>(copy_of(p, t), 0, p.block_rows, u0, u1, buffers[static_cast<size_t>(t)]);
     };
     if (in_order)
       parallel_rows(units, threads, [&](int64_t t, int64_t parts) {
@@ -608,7 +622,7 @@ void run_gather(const Problem& p, int threads) {
     const int64_t i0 = first_row(t), i1 = first_row(t + 1);
     const auto start = std::chrono::steady_clock::now();
     std::vector<float> buffer;
-    if (i0 < i1) block_rows<R>(p, i0, i1, 0, units, buffer);
+    if (i0 < i1) block_rows<R>(copy_of(p, t), i0, i1, 0, units, buffer);
     if (weighted) {
       Share& share = shares[t];
       share.cost = row_cost(p.rowptr, i1) - row_cost(p.rowptr, i0);
@@ -772,7 +786,9 @@ int benchlib_split_weights(const float* write, float* read, int n) {
 // top of this file). in_order != 0: the threads take equal runs of the column tiles in order
 // (see run_gather). groups (null, or ignored unless 1 <= shifts <= 4): the entries sorted by
 // shift within each segment and the groups' bounds (see tile_shifted; AVX-512, R = 1, the
-// scatter form only: elsewhere the segments run as usual).
+// scatter form only: elsewhere the segments run as usual). x_copies (0 counts as 1) copies of
+// X, x_copy floats apart (within each image's x_image floats): thread t reads copy
+// t % x_copies (see copy_of).
 int benchlib_spmm_gather(const int32_t* rowptr, const int32_t* off, const float* val,
                          const float* bias, int64_t block_rows, int64_t R, const float* x,
                          int64_t x_image, int64_t images, int64_t n, int64_t pitch,
@@ -780,7 +796,7 @@ int benchlib_spmm_gather(const int32_t* rowptr, const int32_t* off, const float*
                          const float* residual, const int32_t* ksplit, int64_t kblocks,
                          int threads, int64_t parts, int64_t x_part, int64_t y_part,
                          int64_t out_pitch, int64_t in_order, const int32_t* groups,
-                         int64_t shifts) {
+                         int64_t shifts, int64_t x_copies, int64_t x_copy) {
   if (out_pitch <= 0) out_pitch = row_len;
   // the residual is added in the direct form only
   if (residual && (pitch != row_len || out_pitch != row_len)) return 2;
@@ -790,7 +806,7 @@ int benchlib_spmm_gather(const int32_t* rowptr, const int32_t* off, const float*
                   y,         y_image,  ldy,       relu != 0, residual,  ksplit,
                   ksplit ? kblocks : 1, std::max<int64_t>(1, parts), x_part, y_part,
                   in_order != 0, shifts >= 1 && shifts <= 4 ? groups : nullptr,
-                  std::max<int64_t>(1, shifts)};
+                  std::max<int64_t>(1, shifts), std::max<int64_t>(1, x_copies), x_copy};
   return dispatch<Gather>(R, p, threads);
 }
 
@@ -801,7 +817,7 @@ int benchlib_spmm_rows(const int32_t* rowptr, const int32_t* off, const float* v
                        int64_t x_image, int64_t images, float* y, int64_t y_image, int relu,
                        int threads) {
   const Problem p{rowptr, off, val, bias, block_rows, x, x_image, images, 1, 1, 1, 1, y,
-                  y_image, 1,  relu != 0, nullptr, nullptr, 1, 1, 0, 0, false, nullptr, 1};
+                  y_image, 1,  relu != 0, nullptr, nullptr, 1, 1, 0, 0, false, nullptr, 1, 1, 0};
   return dispatch<Rows>(R, p, threads);
 }
 
@@ -816,7 +832,7 @@ int benchlib_spmm_gather_packed(const int64_t* a) {
                               static_cast<int>(a[15]), packed_ptr<const float>(a, 16),
                               packed_ptr<const int32_t>(a, 17), a[18], static_cast<int>(a[19]),
                               a[20], a[21], a[22], a[23], a[24],
-                              packed_ptr<const int32_t>(a, 25), a[26]);
+                              packed_ptr<const int32_t>(a, 25), a[26], a[27], a[28]);
 }
 
 int benchlib_spmm_rows_packed(const int64_t* a) {
