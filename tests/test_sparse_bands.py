@@ -51,8 +51,8 @@ from benchlib.sparse.native import (
     GATHER_RESIDUAL,
     GATHER_SOURCE,
     GATHER_THREADS,
-    Parts,
 )
+from benchlib.sparse.operands import Parts
 from benchlib.sparse.tiling import TILE_VECTORS, VECTOR_FLOATS, tile_floats, vector_floats
 from tests.test_sparse_chain import chains, checked_chain, converted
 from tests.test_sparse_kernels import torch_threads

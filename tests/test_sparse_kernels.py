@@ -48,9 +48,8 @@ from benchlib.sparse.native import (
     GATHER_SHIFTS,
     GATHER_SOURCE,
     GATHER_THREADS,
-    SHIFT_VECTOR,
-    ColumnBlocks,
 )
+from benchlib.sparse.operands import SHIFT_VECTOR, ColumnBlocks
 from benchlib.sparse.tiling import (
     L2_FLOATS,
     STRIP_FLOATS,
@@ -1047,6 +1046,19 @@ def _check_row_part_copy(split: RowParts, x: torch.Tensor) -> None:
     assert torch.equal(out.reshape(1, -1), expected)
 
 
+def _check_plain_and_residual(
+    sparse: SparseConv2d, conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor
+) -> None:
+    """``sparse`` equals ``conv`` on ``x`` without a ReLU, and with ``residual`` added before
+    one (then left with ``relu`` set)."""
+    with torch.no_grad():
+        sparse.relu = False
+        assert relative_error(sparse(x), conv(x)) <= EXACT
+        sparse.relu = True
+        got = sparse(x, residual)
+        assert relative_error(got, (conv(x) + residual).relu()) <= EXACT
+
+
 def test_row_parts_split_the_copy_between_two_threads_and_match_the_whole_conv() -> None:
     """A strided 3x3 conv large enough for two threads: its copy into two row parts equals
     the whole layout's rows per part (the halo row in both), and the conv, whose product then
@@ -1088,12 +1100,7 @@ def test_a_strided_conv_of_odd_output_rows_runs_alone_in_two_parts_sharing_a_row
             for batch in (1, 2):
                 x = torch.randn(batch, 24, size, size)
                 residual = torch.randn(batch, 20, 7, 7)
-                with torch.no_grad():
-                    sparse.relu = False
-                    assert relative_error(sparse(x), conv(x)) <= EXACT
-                    sparse.relu = True
-                    got = sparse(x, residual)
-                    assert relative_error(got, (conv(x) + residual).relu()) <= EXACT
+                _check_plain_and_residual(sparse, conv, x, residual)
                 plan = sparse._plans[x.shape]
                 assert plan.alone is not None and plan.alone.source_floats == split.floats
             _check_row_part_copy(split, torch.randn(1, 24, size, size))
@@ -1129,12 +1136,7 @@ def test_a_conv_not_in_row_parts_runs_alone_in_one_copy_a_thread_on_two_threads(
             for batch in (1, 2):
                 x = torch.randn(batch, cin, size, size)
                 residual = torch.randn(batch, cout, layout.out_h, layout.out_w)
-                with torch.no_grad():
-                    sparse.relu = False
-                    assert relative_error(sparse(x), conv(x)) <= EXACT
-                    sparse.relu = True
-                    got = sparse(x, residual)
-                    assert relative_error(got, (conv(x) + residual).relu()) <= EXACT
+                _check_plain_and_residual(sparse, conv, x, residual)
                 plan = sparse._plans[x.shape]
                 if threads == 2:
                     assert plan.alone is not None and plan.alone.threads == 2

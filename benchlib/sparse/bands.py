@@ -4,7 +4,7 @@ An intermediate activation (N, C, H, W) of a chain may be stored in bands of ``r
 rows (``Bands``): per image, per band, every channel's ``rows`` rows of it in turn, each
 channel's strip ``stride`` floats after the last, i.e. the tensor ``(N, H / rows, C,
 stride)``. A 1x1 conv then reads, per band (one part of the gather kernel's columns, see
-``native.Parts``), a contiguous strip of about ``C * rows * W`` floats, where NCHW gives it
+``operands.Parts``), a contiguous strip of about ``C * rows * W`` floats, where NCHW gives it
 one short run per channel plane, each in another page; and it writes its output band the same
 way. A conv whose source is a layout copy (padded or strided) reads a banded input through the
 copy (``COPY_BAND``, ``COPY_STRIDE``) and can write a banded output as well, one band per part.
@@ -51,15 +51,16 @@ from benchlib.sparse.direct import (
     ConvLayout,
     RowParts,
 )
-from benchlib.sparse.modules import GatherKernel, GatherPlan, SparseConv2d
+from benchlib.sparse.modules import GatherKernel, SparseConv2d
 from benchlib.sparse.native import (
     GATHER_OUT,
     GATHER_RELU,
     GATHER_RESIDUAL,
     GATHER_SOURCE,
     GATHER_THREADS,
-    Parts,
 )
+from benchlib.sparse.operands import Parts
+from benchlib.sparse.plans import GatherPlan
 from benchlib.sparse.tiling import IN_ORDER_PARTS, tile_floats, vector_floats
 
 BAND_MIN_PIXELS = 512

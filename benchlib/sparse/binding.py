@@ -35,7 +35,7 @@ from benchlib.sparse.bands import (
 )
 from benchlib.sparse.build import PackedCall
 from benchlib.sparse.direct import COPY_OUT, COPY_SOURCE, COPY_THREADS, ConvLayout
-from benchlib.sparse.modules import GatherPlan, SparseConv2d
+from benchlib.sparse.modules import SparseConv2d
 from benchlib.sparse.native import (
     GATHER_OUT,
     GATHER_RELU,
@@ -44,6 +44,7 @@ from benchlib.sparse.native import (
     GATHER_THREADS,
     library,
 )
+from benchlib.sparse.plans import GatherPlan
 
 CHAIN_INPUT = -1
 """A step's argument that is the chain's input (others are earlier steps' indices)."""

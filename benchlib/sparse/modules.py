@@ -25,12 +25,9 @@ argument passed per call (in-process A/B, 2 threads, AVX2 EPYC), ResNet-50 1.01-
 
 from __future__ import annotations
 
-import contextlib
 import math
-import threading
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -38,20 +35,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchlib.sparse.build import PackedCall
-from benchlib.sparse.direct import COPY_OUT, COPY_SOURCE, COPY_THREADS, ConvLayout, RowParts
+from benchlib.sparse.direct import COPY_OUT, COPY_SOURCE, COPY_THREADS, ConvLayout
 from benchlib.sparse.native import (
     GATHER_OUT,
     GATHER_RELU,
     GATHER_RESIDUAL,
     GATHER_SOURCE,
     GATHER_THREADS,
-    ColumnBlocks,
-    Parts,
 )
+from benchlib.sparse.operands import ColumnBlocks, Parts
+from benchlib.sparse.plans import GatherPlan, build_plan
 from benchlib.sparse.tiling import (
     aligned_rows,
     column_block,
-    output_halves,
     plane_align,
     shift_groups,
     vector_floats,
@@ -60,15 +56,6 @@ from benchlib.sparse.tiling import (
 BETA_WARNING = r"Sparse (CSR|CSC|BSR|BSC) tensor support is in beta state"
 """PyTorch warns once per process that its compressed sparse layouts are beta: that is a fact
 about PyTorch, not about this model, so it is silenced where the layouts are built."""
-
-COPIES_THREADS = 2
-"""The thread count at which a conv run by itself on a layout copy (not in row parts) copies
-its input once a thread (``direct.RowParts.copies``), each thread then reading only what it
-wrote. On the Zen 4 EPYC VM, 2 threads, at 90% (in-process A/B, alternating, 120 s): 3x3
-512 -> 512 @7 took 0.66x the time of one shared copy where the two vCPUs sit on different
-CCDs (317 against 480 us) and 0.95x on one CCX; the strided 1x1 convs 256 -> 512 @56,
-512 -> 1024 @28 and 1024 -> 2048 @14 0.48-0.62x and 0.94-0.99x. On more threads each would
-copy the whole input: not measured, not done."""
 
 
 @runtime_checkable
@@ -205,9 +192,9 @@ class GatherKernel(Protocol):
         copy_floats: int = 0,
     ) -> PackedCall:
         """``gather`` for one geometry, its constant operands bound and checked once; with
-        ``parts``, each image's columns in parts (``native.Parts``); ``in_order``: the threads
+        ``parts``, each image's columns in parts (``operands.Parts``); ``in_order``: the threads
         take equal runs of the column tiles in order; ``shift_groups``: the entries run by
-        shift (offset modulo a vector) where the kernel can (``native.ShiftGroups``);
+        shift (offset modulo a vector) where the kernel can (``operands.ShiftGroups``);
         ``copies``: the source holds that many copies, ``copy_floats`` apart, one a thread."""
         ...
 
@@ -296,45 +283,6 @@ def _entries(kernel: MatrixKernel) -> int:
 
 def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
-
-
-@dataclass(frozen=True)
-class GatherPlan:
-    """A conv's native calls for one input shape (``SparseConv2d.gather_plan``): the layout
-    copy (None where the kernel reads the input in place) and the product, their constant
-    arguments bound once, so that a call sets only the activations' addresses."""
-
-    kernel: object
-    values: torch.Tensor
-    """The kernel's ``values`` when the plan was built: another tensor makes it stale."""
-    bias: torch.Tensor | None
-    out_shape: tuple[int, int, int, int]
-    source_floats: int
-    copy: PackedCall | None
-    product: PackedCall
-    fuses_residual: bool
-    """The output's rows are contiguous (pitch == output width): a residual can be added in
-    the kernel."""
-    lock: threading.Lock
-    """Held from the first argument set to the end of the product: one call at a time."""
-    alone: SourceCalls | None = None
-    """Where the layer runs by itself (``forward``) on a source in row parts (a kxk conv over
-    an even number of output rows, ``direct.RowParts``) or in copies, one a thread
-    (``RowParts.copies``), the calls for it; ``copy`` and ``product`` read the whole layout,
-    as a chain's steps (``bands.py``, ``binding.py``) and the padded images a chain's writer
-    makes (``padded_product``) lay it out."""
-
-
-@dataclass(frozen=True)
-class SourceCalls:
-    """A layout copy, the product that reads what it writes, and the floats per image of the
-    source between them."""
-
-    copy: PackedCall
-    product: PackedCall
-    source_floats: int
-    threads: int = 0
-    """The thread count the calls are for (0: any)."""
 
 
 class SparseConv2d(nn.Module):
@@ -532,65 +480,9 @@ class SparseConv2d(nn.Module):
             and plan.bias is bias
         ):
             return plan
-        if not (kernel.accepts(x) if bias is None else kernel.accepts(x, bias)):
-            return None
-        n, _, h, w = x.shape
-        layout, offsets = self.layout(h, w)
-        ksplit = self.ksplit(h, w)
-        halves = output_halves(self.kernel_size, self.stride, layout, self.out_channels)
-        shifts = self.shift_groups(h, w) > 1
-        product = alone = None
-        if halves is not None:
-            with contextlib.suppress(ValueError):  # the last half would read past the source
-                product = kernel.gather_call(
-                    offsets, layout.floats, n, halves.source_step, layout.pitch, layout.out_w,
-                    bias, ksplit, halves, in_order=True, shift_groups=shifts,
-                )  # fmt: skip
-        parts = output_halves(self.kernel_size, self.stride, layout, self.out_channels, True)
-        if parts is not None:
-            with contextlib.suppress(ValueError):
-                split = RowParts.of(layout, parts.count)
-                alone = SourceCalls(
-                    split.copy_call(n),
-                    kernel.gather_call(
-                        split.entry_offsets(kernel.col), split.floats, n, split.columns,
-                        layout.pitch, layout.out_w, bias, ksplit,
-                        replace(parts, source_step=split.part_floats), in_order=True,
-                        shift_groups=shifts,
-                    ),
-                    split.floats,
-                )  # fmt: skip
-        threads = torch.get_num_threads()
-        if alone is None and not layout.in_place and threads == COPIES_THREADS:
-            copies = RowParts.copies(layout, threads)
-            alone = SourceCalls(
-                copies.copy_call(n),
-                kernel.gather_call(
-                    copies.entry_offsets(kernel.col), copies.floats, n, copies.columns,
-                    layout.pitch, layout.out_w, bias, ksplit, shift_groups=shifts,
-                    copies=threads, copy_floats=copies.part_floats,
-                ),
-                copies.floats,
-                threads,
-            )  # fmt: skip
-        if product is None:
-            product = kernel.gather_call(
-                offsets, layout.floats, n, layout.columns, layout.pitch, layout.out_w, bias,
-                ksplit, shift_groups=shifts,
-            )  # fmt: skip
-        plan = GatherPlan(
-            kernel=kernel,
-            values=kernel.values,
-            bias=bias,
-            out_shape=(n, self.out_channels, layout.out_h, layout.out_w),
-            source_floats=layout.floats,
-            copy=None if layout.in_place else layout.copy_call(n),
-            product=product,
-            fuses_residual=layout.pitch == layout.out_w,
-            lock=threading.Lock(),
-            alone=alone,
-        )
-        self._plans[tuple(x.shape)] = plan
+        plan = build_plan(self, kernel, bias, x)
+        if plan is not None:
+            self._plans[tuple(x.shape)] = plan
         return plan
 
     def _run(

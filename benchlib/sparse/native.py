@@ -23,13 +23,20 @@ input pixel (the rows kernel over H*W "rows"): 1x1 convs at 90% sparsity, 2 thre
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from benchlib.sparse.build import NativeLibrary, NativeUnavailable, PackedCall, load_library
+from benchlib.sparse.operands import (
+    MAX_SHIFT_GROUPS,
+    SHIFT_GROUP_ISAS,
+    SHIFT_VECTOR,
+    ColumnBlocks,
+    Parts,
+    ShiftGroups,
+)
 
 ROWS_PER_BLOCK = (1, 2, 4, 8)
 """Block heights the kernels are compiled for."""
@@ -52,73 +59,12 @@ threads take the column tiles in order, and the shift groups (0: none)."""
 _ROWS_X, _ROWS_BIAS, _ROWS_Y, _ROWS_RELU, _ROWS_THREADS = 6, 3, 9, 11, 12
 
 
-@dataclass(frozen=True)
-class Parts:
-    """Each image's columns as ``count`` parts (``gather_call``'s ``parts``; see spmm.cpp):
-    part t of image b is read at ``source + b * source_floats + t * source_step`` and written
-    at ``out + b * out_image + t * out_step``, its rows ``out_row`` floats apart; a residual
-    is laid out as the output. Where ``bands.py`` stores activations in bands of rows, a part
-    is one band. Within a row, the output's rows of pixels lie ``out_pitch`` floats apart (0:
-    the row length, packed; more: the padded layout a next conv reads, no residual then)."""
-
-    count: int
-    source_step: int
-    out_step: int
-    out_row: int
-    out_image: int
-    out_pitch: int = 0
-
-
-@dataclass(frozen=True, eq=False)
-class ColumnBlocks:
-    """A matrix's columns in blocks of ``width`` (``NativeSparseMatrix.k_split``), for the
-    gather form's ``ksplit``: the kernels then run the blocks outer over each column tile and
-    read the entries block-major (by block, then block row), so that the weights stream in
-    the order the loops use them."""
-
-    width: int
-    bounds: torch.Tensor
-    """int32 (blocks, block rows + 1): block row i's entries on block b are the block-major
-    entries ``[bounds[b, i], bounds[b, i + 1])``."""
-    order: torch.Tensor
-    """int32 (entries,): the row-major index of each block-major entry (``values[order]``,
-    ``offsets[order]`` are what the kernels read)."""
-
-    @property
-    def blocks(self) -> int:
-        return int(self.bounds.shape[0])
-
-
 def library() -> NativeLibrary:
     """The loaded kernels. Raises RuntimeError (with the build's reason) when unavailable."""
     loaded = load_library()
     if isinstance(loaded, NativeUnavailable):
         raise RuntimeError(f"benchlib's native sparse kernels are unavailable: {loaded.reason}")
     return loaded
-
-
-SHIFT_GROUP_ISAS = frozenset({"avx512"})
-"""The kernels' instruction sets with the shift-group tiles (``spmm.cpp``'s tile_shifted):
-those whose vector is a cache line (``tiling.shift_groups`` says where they run)."""
-SHIFT_VECTOR = 16
-"""Floats per vector of those ISAs: an entry's shift is its offset modulo this."""
-MAX_SHIFT_GROUPS = 4
-"""Shift groups the kernels take per segment, at most (shifts 0-3)."""
-
-
-@dataclass(frozen=True, eq=False)
-class ShiftGroups:
-    """A conv's entries sorted by shift (offset modulo ``SHIFT_VECTOR``) within each segment
-    (a block row's entries on one column block), for ``gather_call``'s ``shift_groups``: the
-    kernels then load every entry's columns from the aligned address below it and shift the
-    sums once per tile and group (``spmm.cpp``'s tile_shifted)."""
-
-    shifts: int
-    bounds: torch.Tensor
-    """int32 (segments, shifts + 1): segment s's entries of shift g are ``[bounds[s, g],
-    bounds[s, g + 1])``."""
-    offsets: torch.Tensor
-    values: torch.Tensor
 
 
 class NativeSparseMatrix(nn.Module):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from benchlib.sparse.build import NativeLibrary, load_library
 from benchlib.sparse.direct import ALIGN
-from benchlib.sparse.native import MAX_SHIFT_GROUPS, SHIFT_GROUP_ISAS, Parts
+from benchlib.sparse.operands import MAX_SHIFT_GROUPS, SHIFT_GROUP_ISAS, Parts
 
 if TYPE_CHECKING:
     from benchlib.sparse.direct import ConvLayout
