@@ -120,7 +120,7 @@ struct Problem {
 // direct.py's RowParts.copies); where the product splits the block rows, each thread reads
 // all of that copy, and one copy written half by each thread moves half of it to the other
 // core's cache, then back when the next call writes it. Each thread writing and reading a
-// copy of its own moves nothing.
+// copy of its own moves nothing (measured: benchlib/sparse/plans.py's COPIES_THREADS).
 inline Problem copy_of(const Problem& p, int64_t t) {
   Problem own = p;
   if (p.x_copies > 1) own.x = p.x + (t % p.x_copies) * p.x_copy;
