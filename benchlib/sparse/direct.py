@@ -272,11 +272,7 @@ class RowParts:
         if count < 1 or (out_h % count and count != 2) or out_h < count:
             raise ValueError(f"{out_h} output rows do not split into {count} parts")
         rows = -(-out_h // count)
-        step = rows if out_h % count == 0 else out_h - rows
-        halo = (layout.kernel_size[0] - 1) * layout.dilation[0] // layout.stride[0]
-        span = rows + halo
-        plane = -(-span * layout.phase_w // ALIGN) * ALIGN
-        return cls(layout, count, rows, span, plane, step)
+        return cls._spanning(layout, count, rows, rows if out_h % count == 0 else out_h - rows)
 
     @classmethod
     def copies(cls, layout: ConvLayout, count: int) -> RowParts:
@@ -285,10 +281,16 @@ class RowParts:
         it wrote itself (``gather_call``'s ``copies``). Raises ValueError for count < 1."""
         if count < 1:
             raise ValueError(f"{count} copies: need at least 1")
+        return cls._spanning(layout, count, layout.out_h, 0)
+
+    @classmethod
+    def _spanning(cls, layout: ConvLayout, count: int, rows: int, step: int) -> RowParts:
+        """``count`` parts of ``rows`` output rows, ``step`` apart: each spans its rows and the
+        halo below them, its planes aligned."""
         halo = (layout.kernel_size[0] - 1) * layout.dilation[0] // layout.stride[0]
-        span = layout.out_h + halo
+        span = rows + halo
         plane = -(-span * layout.phase_w // ALIGN) * ALIGN
-        return cls(layout, count, layout.out_h, span, plane, 0)
+        return cls(layout, count, rows, span, plane, step)
 
     @property
     def part_floats(self) -> int:
